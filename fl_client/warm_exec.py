@@ -1,0 +1,114 @@
+"""`maxfl-warm-exec`: a plant's ClientApp executor with the heavy imports already paid.
+
+Flower's default SuperExec starts a fresh `flwr-clientapp` for every message, and each one pays
+its imports (torch alone ~1.5 s here) before it can train. With the SuperNode in
+`--isolation process`, this executor takes the SuperExec's place: it imports torch and Flower once,
+then forks a child per task that runs Flower's own `run_clientapp`. The child still imports the
+ClientApp from the submitted FAB (our modules are dropped from the fork), so the code that runs is
+the code the anchor submitted, not whatever the plant has installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("maxfl.warm_exec")
+
+PRELOAD = ("numpy", "torch", "torch.nn", "torch.optim", "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
+APP_PACKAGES = ("fl_client", "fl_server", "tasks", "privacy", "maxfl", "experiments")
+
+
+def _forget_app_modules() -> None:
+    """Drop our own packages so the child imports them from the FAB Flower installs."""
+    for name in list(sys.modules):
+        if name.split(".", 1)[0] in APP_PACKAGES:
+            del sys.modules[name]
+
+
+def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None) -> int:
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    from maxfl.flower_tuning import tune_object_pulls
+
+    # The task is handed out before the SuperNode has stored all of its objects; retry quickly.
+    tune_object_pulls(initial_backoff_s=0.05, backoff_cap_s=0.5)
+    _forget_app_modules()
+    try:
+        run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
+                      parent_pid=None, runtime_dependency_install=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+def _reap(children: dict[int, float]) -> None:
+    for pid, started in list(children.items()):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            del children[pid]
+            log.info("task process %d ended with code %d after %.2fs", pid, os.waitstatus_to_exitcode(status), time.monotonic() - started)
+
+
+def serve(address: str, insecure: bool, root_certificates: str | None, parent_pid: int | None, poll_s: float) -> None:
+    for module in PRELOAD:
+        importlib.import_module(module)
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)
+    certificates = validate_and_resolve_root_certificates(root_certificates, insecure)
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=insecure, root_certificates=certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    log.info("warm executor ready for %s", address)
+    children: dict[int, float] = {}
+    try:
+        while True:
+            _reap(children)
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            if res.HasField("task") and res.token:
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        code = _run_task(address, res.token, insecure, certificates)
+                    finally:
+                        os._exit(code)
+                children[pid] = time.monotonic()
+                continue
+            time.sleep(poll_s)
+    finally:
+        client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="maxfl-warm-exec", description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
+    parser.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperNode (loopback only)")
+    parser.add_argument("--root-certificates", default=None, help="CA bundle for the SuperNode's Runtime API")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+    parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds between task polls")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        serve(args.runtime_api_address, args.insecure, args.root_certificates, args.parent_pid, args.poll_interval)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Anchor side: the ServerApp, its strategy wrappers and MLflow tracking."""

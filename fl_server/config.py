@@ -1,0 +1,53 @@
+"""The anchor's run config: `[tool.flwr.app.config]` in pyproject, overridable with `flwr run --run-config`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from maxfl.errors import ConfigError, describe_validation_error
+from tasks import task_names
+
+
+class RunConfig(BaseModel):
+    """One federated training run. Keys are kebab-case, as Flower run configs are."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, alias_generator=lambda s: s.replace("_", "-"))
+
+    task: str = "defect"
+    num_server_rounds: int = Field(3, ge=1, le=10_000)
+    strategy: Literal["fedavg"] = "fedavg"
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    min_plants: int = Field(2, ge=1)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    learning_rate: float = Field(0.05, gt=0.0, le=10.0)
+    seed: int = 42
+    round_timeout_s: float = Field(900.0, gt=0.0)
+    # How often the ServerApp asks the SuperLink for replies (Flower's own grid waits 3 s).
+    poll_interval_s: float = Field(0.1, gt=0.0, le=10.0)
+    tracking_uri: str = ""
+    experiment_name: str = Field("maxfl", min_length=1)
+    # Simulation only: virtual plant k reads its data from <sim-data-root>/plant-<k+1>.
+    sim_data_root: str = ""
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in task_names():
+            raise ValueError(f"unknown task; allowed values: {', '.join(task_names())}")
+        return value
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, "run config")) from None
+
+    def as_params(self) -> dict[str, Any]:
+        """Every setting, kebab-case, as logged to MLflow."""
+        return self.model_dump(by_alias=True)

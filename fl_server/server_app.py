@@ -1,0 +1,52 @@
+"""The anchor's ServerApp: validate the run config, run the strategy, track it in MLflow, log the model."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl_server.config import RunConfig
+from fl_server.grid import PollingGrid
+from fl_server.strategy import TrackedStrategy, build_strategy
+from fl_server.tracking import tracked_run
+from maxfl.flower_tuning import tune_object_pulls
+from tasks import get_task
+
+app = ServerApp()
+log = logging.getLogger("maxfl")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = RunConfig.from_flower(context.run_config)
+    tune_object_pulls(initial_backoff_s=cfg.poll_interval_s / 2, backoff_cap_s=cfg.poll_interval_s * 10)
+    task = get_task(cfg.task)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    instructions = ConfigRecord(
+        {
+            "task": cfg.task,
+            "local-epochs": cfg.local_epochs,
+            "batch-size": cfg.batch_size,
+            "learning-rate": cfg.learning_rate,
+            "seed": cfg.seed,
+        }
+    )
+    with tracked_run(cfg, grid.run.run_id, grid.run.fab_hash) as tracker:
+        log.info("MLflow run %s: %d rounds of %s on task %s", tracker.run_id, cfg.num_server_rounds, cfg.strategy, cfg.task)
+        strategy = TrackedStrategy(build_strategy(cfg), tracker, cfg.min_plants, cfg.num_server_rounds)
+        result = strategy.start(
+            grid=PollingGrid(grid, cfg.poll_interval_s),
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout_s,
+            train_config=instructions,
+            evaluate_config=ConfigRecord(dict(instructions)),
+        )
+        model.load_state_dict(result.arrays.to_torch_state_dict())
+        tracker.log_model(model, task.input_example())
+        log.info("MLflow run %s finished; model logged as runs:/%s/model", tracker.run_id, tracker.run_id)

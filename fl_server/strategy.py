@@ -1,0 +1,108 @@
+"""Strategies from the run config, and the wrapper that tracks every round of any of them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fl_server.config import RunConfig
+from fl_server.tracking import RunTracker
+from maxfl.messages import METRICS, PLANT, WEIGHT_KEY
+
+log = logging.getLogger("maxfl")
+
+
+class RunAborted(RuntimeError):
+    """Too few plants answered for the run to go on."""
+
+
+def build_strategy(cfg: RunConfig) -> Strategy:
+    strategies = {"fedavg": FedAvg}
+    return strategies[cfg.strategy](
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_plants,
+        min_evaluate_nodes=cfg.min_plants if cfg.fraction_evaluate > 0 else 0,
+        min_available_nodes=cfg.min_plants,
+        weighted_by_key=WEIGHT_KEY,
+    )
+
+
+def plant_of(msg: Message) -> str:
+    if not msg.has_error() and PLANT in msg.content.config_records:
+        return str(msg.content[PLANT]["plant-id"])
+    return f"node-{msg.metadata.src_node_id}"
+
+
+class TrackedStrategy(Strategy):
+    """Wraps a strategy: per-round and per-plant metrics to MLflow (step = round) and a progress line.
+
+    It also stops the run, with the plants' reasons, when fewer than `min_plants` return an update.
+    """
+
+    def __init__(self, inner: Strategy, tracker: RunTracker, min_plants: int, num_rounds: int) -> None:
+        self.inner = inner
+        self.tracker = tracker
+        self.min_plants = min_plants
+        self.num_rounds = num_rounds
+        self._phase_started = 0.0
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._phase_started = time.perf_counter()
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._phase_started = time.perf_counter()
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._record("train", server_round, replies)
+        ok = [m for m in replies if not m.has_error()]
+        if len(ok) < self.min_plants:
+            reasons = "; ".join(f"{plant_of(m)}: {m.error.reason}" for m in replies if m.has_error()) or "no replies"
+            raise RunAborted(f"round {server_round}: {len(ok)} plant(s) returned an update, {self.min_plants} needed ({reasons})")
+        arrays, metrics = self.inner.aggregate_train(server_round, ok)
+        self._log_aggregate(server_round, metrics)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._record("eval", server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
+        self._log_aggregate(server_round, metrics)
+        return metrics
+
+    def _log_aggregate(self, server_round: int, metrics: MetricRecord | None) -> None:
+        if metrics is not None:
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != WEIGHT_KEY}, step=server_round)
+
+    def _record(self, phase: str, server_round: int, replies: list[Message]) -> None:
+        """Per-plant metrics and the phase's overhead: wall time minus the slowest plant's own work."""
+        wall = time.perf_counter() - self._phase_started
+        per_plant: dict[str, float] = {}
+        status = []
+        slowest = 0.0
+        for msg in replies:
+            plant = plant_of(msg)
+            if msg.has_error():
+                status.append(f"{plant} FAILED ({msg.error.reason})")
+                continue
+            metrics = msg.content[METRICS]
+            slowest = max(slowest, float(metrics.get(f"{phase}_time_s", 0.0)))
+            per_plant.update({f"{plant}/{k}": float(v) for k, v in metrics.items()})
+            shown = " ".join(f"{k}={float(v):.3f}" for k, v in metrics.items() if k.endswith(("loss", "accuracy", "macro_f1")))
+            status.append(f"{plant} ok {shown}")
+        self.tracker.note_plants([plant_of(m) for m in replies if not m.has_error()])
+        per_plant[f"round_{phase}_wall_s"] = wall
+        per_plant[f"round_{phase}_overhead_s"] = wall - slowest
+        self.tracker.log_metrics(per_plant, step=server_round)
+        log.info("round %d/%d %s (%.1fs): %s", server_round, self.num_rounds, phase, wall, " | ".join(status) or "no replies")

@@ -1,0 +1,3 @@
+from maxfl.cli import main
+
+main()

@@ -1,0 +1,115 @@
+"""`maxfl` command line: user errors end in one line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from maxfl.errors import ConfigError, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning across manufacturing supply chains.")
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs, values as TOML scalars (numbers, true/false, quoted or bare strings)."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"run config override {pair!r} is not key=value (e.g. --set num-server-rounds=5)")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@app.command()
+def federate(
+    plants: Annotated[int, typer.Option(help="Number of plant SuperNodes.")] = 3,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds (run config num-server-rounds).")] = None,
+    task: Annotated[str | None, typer.Option(help="Task to train (run config task).")] = None,
+    mode: Annotated[str, typer.Option(help="deployment (one SuperNode process per plant) or simulation.")] = "deployment",
+    workdir: Annotated[Path, typer.Option(help="Plants' data, SuperLink state, MLflow store and logs.")] = Path(".maxfl"),
+    set_: Annotated[list[str], typer.Option("--set", help="Run config override key=value (repeatable).")] = [],  # noqa: B006
+    images_per_plant: Annotated[int | None, typer.Option(help="Subsample each plant's images (quick demos, tests).")] = None,
+    mlflow_port: Annotated[int | None, typer.Option(help="MLflow port (default: a free one).")] = None,
+    superlink_port: Annotated[int | None, typer.Option(help="SuperLink port (default: a free one).")] = None,
+    keep_mlflow: Annotated[bool, typer.Option(help="Keep MLflow running for browsing until Ctrl-C.")] = False,
+    warm: Annotated[bool, typer.Option(help="Long-lived pre-imported ClientApp executors (process isolation).")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
+) -> None:
+    """Start MLflow, a SuperLink and N plant SuperNodes on 127.0.0.1, train, and stop them all."""
+    from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+
+    overrides = _parse_overrides(set_)
+    if rounds is not None:
+        overrides["num-server-rounds"] = rounds
+    if task is not None:
+        overrides["task"] = task
+    if mode not in ("deployment", "simulation"):
+        raise ConfigError(f"--mode {mode!r} is not allowed; choose deployment or simulation")
+    settings = FederationSettings(
+        app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=plants, run_overrides=overrides,  # type: ignore[arg-type]
+        images_per_plant=images_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
+        keep_mlflow=keep_mlflow, warm=warm,
+    )
+    result = LocalFederation(settings, echo=console.print).run()
+    console.print(f"[green]done[/green]: Flower run {result.flwr_run_id} {result.status}")
+    console.print(f"MLflow run id: {result.mlflow_run_id}")
+    console.print(f"MLflow URL:    {result.mlflow_url}")
+    if json_out is not None:
+        from maxfl.atomic import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(result.__dict__, indent=2))
+
+
+@app.command("prepare-data")
+def prepare_data(
+    out: Annotated[Path, typer.Option(help="Folder that receives plant-1, plant-2, ...")],
+    plants: Annotated[int, typer.Option(help="Number of plants.")] = 3,
+    task: Annotated[str, typer.Option(help="Task whose public data set is split.")] = "defect",
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 42,
+    images_per_plant: Annotated[int | None, typer.Option(help="Subsample each plant.")] = None,
+) -> None:
+    """Split a task's public data set into per-plant folders (a demo of plants' private data)."""
+    from tasks import get_task, task_names
+
+    if task not in task_names():
+        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(task_names())}")
+    for d in get_task(task).prepare_plants(plants, out, seed, images_per_plant):
+        console.print(str(d))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM ends the command like Ctrl-C does, so every started process is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: every process maxfl started has been stopped")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,296 @@
+"""One command, a whole federation on loopback: MLflow, SuperLink, plant SuperNodes, then `flwr run`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from fl_client.config import PlantConfig
+from fl_server.config import RunConfig
+from maxfl.atomic import atomic_write_text
+from maxfl.errors import ConfigError, DataError, ProcessError
+from maxfl.local.processes import ProcessGroup, free_port, port_is_free
+from tasks import get_task
+
+log = logging.getLogger("maxfl")
+
+STARTUP_TIMEOUT_S = 120.0
+# Offline hygiene for every process we start: no telemetry, no update checks.
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+class FederationSettings(BaseModel):
+    """What `maxfl federate` was asked to do; every path lives under `workdir`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    app_dir: Path
+    workdir: Path
+    mode: Literal["deployment", "simulation"] = "deployment"
+    plants: int = Field(3, ge=1, le=32)
+    run_overrides: dict[str, Any] = Field(default_factory=dict)
+    images_per_plant: int | None = Field(None, ge=20)
+    mlflow_port: int | None = Field(None, ge=1, le=65535)
+    superlink_port: int | None = Field(None, ge=1, le=65535)
+    keep_mlflow: bool = False
+    warm: bool = True
+
+
+@dataclass(frozen=True)
+class FederationResult:
+    flwr_run_id: int
+    mlflow_run_id: str
+    mlflow_url: str
+    tracking_uri: str
+    status: str
+
+
+def find_app_dir() -> Path:
+    """The Flower app is the maxfl project itself: the folder whose pyproject declares `[tool.flwr.app]`."""
+    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (candidate / "pyproject.toml").is_file() and "tool" in (cfg := tomllib.loads((candidate / "pyproject.toml").read_text())):
+            if "flwr" in cfg["tool"]:
+                return candidate
+    raise ConfigError("cannot find the maxfl Flower app (a pyproject.toml with [tool.flwr.app]); run from the project folder")
+
+
+def app_run_config(app_dir: Path, overrides: dict[str, Any]) -> RunConfig:
+    defaults = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return RunConfig.from_flower({**defaults, **overrides})
+
+
+class LocalFederation:
+    def __init__(self, settings: FederationSettings, echo: Callable[[str], None] = print) -> None:
+        self.s = settings
+        self.echo = echo
+        self.work = settings.workdir.resolve()
+        self.procs = ProcessGroup(self.work / "logs")
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, **QUIET_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.bin = Path(bin_dir)
+        self._ports: set[int] = set()
+
+    # ---------------------------------------------------------------- steps
+    def prepare_data(self, task_name: str, seed: int) -> list[PlantConfig]:
+        root = self.work / "plants"
+        marker = root / "split.json"
+        wanted = {"task": task_name, "plants": self.s.plants, "seed": seed, "images-per-plant": self.s.images_per_plant}
+        if not (marker.is_file() and json.loads(marker.read_text()) == wanted):
+            self.echo(f"preparing {task_name} data for {self.s.plants} plants under {root}")
+            get_task(task_name).prepare_plants(self.s.plants, root, seed, self.s.images_per_plant)
+            atomic_write_text(marker, json.dumps(wanted))
+        plants = [PlantConfig(plant_id=f"plant-{k}", data_dir=root / f"plant-{k}") for k in range(1, self.s.plants + 1)]
+        for plant in plants:
+            if not plant.data_dir.is_dir() or not any(plant.data_dir.iterdir()):
+                raise DataError(f"{plant.plant_id}: data location {plant.data_dir} is missing or empty; delete {marker} to re-create it")
+        return plants
+
+    def _port(self, wanted: int | None = None, what: str = "", flag: str = "") -> int:
+        """A port for one of our servers; distinct from the ones already handed out in this launch."""
+        if wanted is not None:
+            if wanted in self._ports or not port_is_free(wanted):
+                raise ConfigError(f"port {wanted} for {what} is already taken on 127.0.0.1; pick another with {flag} or leave it out")
+            port = wanted
+        else:
+            while (port := free_port()) in self._ports:
+                pass
+        self._ports.add(port)
+        return port
+
+    def start_mlflow(self, port: int) -> str:
+        store = self.work / "mlflow"
+        (store / "artifacts").mkdir(parents=True, exist_ok=True)
+        proc = self.procs.start(
+            "mlflow",
+            [str(self.bin / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
+            self.env,
+        )
+        uri = f"http://127.0.0.1:{port}"
+        self.procs.wait_until("MLflow to answer", lambda: _http_ok(f"{uri}/health"), STARTUP_TIMEOUT_S, proc)
+        return uri
+
+    def start_superlink(self, port: int) -> str:
+        home = self.work / "superlink"
+        home.mkdir(parents=True, exist_ok=True)
+        # Fresh state each launch: nodes of an earlier launch would otherwise be sampled and time out.
+        for stale in home.glob("state.db*"):
+            stale.unlink()
+        argv = [str(self.bin / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"]
+        if self.s.mode == "simulation":
+            argv.append("--simulation")
+        proc = self.procs.start("superlink", argv, {**self.env, "FLWR_HOME": str(home / "flwr-home")})
+        address = f"127.0.0.1:{port}"
+        self.procs.wait_until("the SuperLink to answer", lambda: _http_ok(f"http://{address}/health"), STARTUP_TIMEOUT_S, proc)
+        return address
+
+    def start_plants(self, superlink: str, plants: list[PlantConfig]) -> None:
+        for plant in plants:
+            home = plant.data_dir.parent.parent / "nodes" / plant.plant_id
+            runtime_port = self._port()
+            supernode = "maxfl-supernode" if self.s.warm else "flower-supernode"
+            argv = [str(self.bin / supernode), "--insecure", "--superlink", superlink,
+                    "--node-config", plant.as_node_config(), "--port", str(runtime_port), "--max-wait-time", "60"]
+            if self.s.warm:
+                argv += ["--isolation", "process"]
+            env = {**self.env, "FLWR_HOME": str(home)}
+            node = self.procs.start(f"supernode-{plant.plant_id}", argv, env)
+            if self.s.warm:
+                runtime = f"127.0.0.1:{runtime_port}"
+                self.procs.wait_until(f"{plant.plant_id}'s SuperNode", lambda: _http_ok(f"http://{runtime}/health"), STARTUP_TIMEOUT_S, node)
+                self.procs.start(f"warm-exec-{plant.plant_id}",
+                                 [str(self.bin / "maxfl-warm-exec"), "--runtime-api-address", runtime, "--insecure",
+                                  "--parent-pid", str(node.popen.pid)], env)
+
+    def write_cli_config(self, superlink: str) -> Path:
+        home = self.work / "cli"
+        lines = ["[superlink]", 'default = "local"', "", "[superlink.local]", f'address = "{superlink}"', "insecure = true"]
+        if self.s.mode == "simulation":
+            lines.append(f"options.num-supernodes = {self.s.plants}")
+        atomic_write_text(home / "config.toml", "\n".join(lines) + "\n")
+        return home
+
+    def submit(self, cli_home: Path, overrides: dict[str, Any]) -> int:
+        """`flwr run --stream`, echoing the ServerApp's progress; returns Flower's run id."""
+        cfg_file = self.work / "run-overrides.toml"
+        atomic_write_text(cfg_file, "".join(f"{k} = {json.dumps(v)}\n" for k, v in overrides.items()))
+        env = {**self.env, "FLWR_HOME": str(cli_home)}
+        argv = [str(self.bin / "flwr"), "run", str(self.s.app_dir), "local", "--stream", "--run-config", str(cfg_file)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True)
+        self.procs.pids_seen[proc.pid] = None
+        watchdog = _Watchdog(self.procs, proc)
+        watchdog.start()
+        run_id = None
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                line = _strip_ansi(line.rstrip())
+                if m := re.search(r"Successfully started run (\d+)", line):
+                    run_id = int(m.group(1))
+                    self.echo(f"Flower run {run_id} started")
+                elif _is_progress(line):
+                    self.echo(line)
+        finally:
+            watchdog.stop()
+            proc.wait()
+        if watchdog.error is not None:
+            raise watchdog.error
+        if run_id is None:
+            raise ProcessError(f"`flwr run` did not start a run (exit code {proc.returncode}); see {self.work / 'logs'}")
+        return run_id
+
+    def run_status(self, cli_home: Path, run_id: int) -> str:
+        out = subprocess.run([str(self.bin / "flwr"), "ls", "local", "--run-id", str(run_id), "--format", "json"],
+                             capture_output=True, text=True, env={**self.env, "FLWR_HOME": str(cli_home)}, timeout=60)
+        try:
+            runs = json.loads(out.stdout)["runs"]
+            return str(runs[0]["status"])
+        except (ValueError, KeyError, IndexError):
+            return "unknown"
+
+    # ---------------------------------------------------------------- all together
+    def run(self) -> FederationResult:
+        cfg = app_run_config(self.s.app_dir, self.s.run_overrides)
+        mlflow_port = self._port(self.s.mlflow_port, "MLflow", "--mlflow-port")
+        superlink_port = self._port(self.s.superlink_port, "the SuperLink", "--superlink-port")
+        plants = self.prepare_data(cfg.task, cfg.seed)
+        try:
+            tracking_uri = self.start_mlflow(mlflow_port)
+            self.echo(f"MLflow tracking server: {tracking_uri}")
+            superlink = self.start_superlink(superlink_port)
+            self.echo(f"SuperLink ({self.s.mode}): {superlink}")
+            overrides = {**self.s.run_overrides, "tracking-uri": tracking_uri}
+            if self.s.mode == "deployment":
+                self.start_plants(superlink, plants)
+                self.echo(f"plants: {', '.join(p.plant_id for p in plants)} (SuperNodes started)")
+            else:
+                overrides["sim-data-root"] = str(plants[0].data_dir.parent)
+            cli_home = self.write_cli_config(superlink)
+            run_id = self.submit(cli_home, overrides)
+            status = self.run_status(cli_home, run_id)
+            result = self._result(tracking_uri, cfg.experiment_name, run_id, status)
+            if not status.endswith("completed"):
+                raise ProcessError(f"Flower run {run_id} ended as '{status}'; the ServerApp log is in {self.work / 'logs' / 'superlink.log'}")
+            if self.s.keep_mlflow:
+                self._serve_mlflow_until_interrupted(result)
+            return result
+        finally:
+            killed = self.procs.stop_all()
+            if killed:
+                log.warning("had to kill %d process(es) that ignored SIGTERM: %s", len(killed), killed)
+
+    def _result(self, tracking_uri: str, experiment: str, run_id: int, status: str) -> FederationResult:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.`flwr.run_id` = '{run_id}'") if exp else []
+        if not runs:
+            raise ProcessError(f"Flower run {run_id} ({status}) left no MLflow run in experiment '{experiment}'; see {self.work / 'logs'}")
+        mlflow_run = runs[0]
+        url = f"{tracking_uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}"
+        return FederationResult(run_id, mlflow_run.info.run_id, url, tracking_uri, status)
+
+    def _serve_mlflow_until_interrupted(self, result: FederationResult) -> None:
+        self.echo(f"MLflow stays up for browsing at {result.mlflow_url} — press Ctrl-C to stop it")
+        mlflow_proc = self.procs.procs[0]
+        for managed in self.procs.procs[1:]:
+            managed.popen.terminate()
+        while mlflow_proc.popen.poll() is None:
+            time.sleep(0.5)
+
+
+class _Watchdog(threading.Thread):
+    """Stops `flwr run` when a federation process dies, so a dead SuperNode does not hang the run."""
+
+    def __init__(self, procs: ProcessGroup, runner: subprocess.Popen[str]) -> None:
+        super().__init__(daemon=True)
+        self.procs, self.runner = procs, runner
+        self.error: ProcessError | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.5):
+            try:
+                self.procs.check_alive()
+            except ProcessError as exc:
+                self.error = exc
+                self.runner.terminate()
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=2)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).is_success
+    except httpx.HTTPError:
+        return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _is_progress(line: str) -> bool:
+    return "maxfl:" in line or "ERROR" in line or "Exception" in line

@@ -1,0 +1,123 @@
+"""ELPV shards on a plant's disk: writing the demo split and reading a plant's own shard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from maxfl.atomic import atomic_path, atomic_write_text
+from maxfl.errors import DataError
+from tasks.base import PlantData
+from tasks.defect.split import holdout_split, split_plants
+
+SHARD_FILE = "defect.npz"
+IMAGE_SIZE = 64
+TEST_FRACTION = 0.2
+DEFECT_THRESHOLD = 0.5  # experts' defect probability >= 0.5 counts as defective
+
+
+def load_elpv() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ELPV from its package (images uint8 Nx300x300, defect probability, cell type); nothing is downloaded."""
+    from elpv_dataset.utils import load_dataset
+
+    images, proba, types = load_dataset()
+    return images, proba.astype(np.float32), types.astype(str)
+
+
+def write_plant_shards(root: Path, n_plants: int, seed: int, limit: int | None = None) -> list[Path]:
+    images, proba, types = load_elpv()
+    dirs = []
+    for k, idx in enumerate(split_plants(types, n_plants, seed), start=1):
+        if limit is not None and len(idx) > limit:
+            idx = np.sort(np.random.default_rng(seed + k).choice(idx, size=limit, replace=False))
+        plant_dir = root / f"plant-{k}"
+        with atomic_path(plant_dir / SHARD_FILE) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, images=images[idx], defect_proba=proba[idx], cell_type=types[idx])
+        summary = {
+            "task": "defect",
+            "source": "elpv-dataset (CC BY-NC-SA 4.0, Buerhop-Lutz et al. / Deitsch et al.)",
+            "examples": int(len(idx)),
+            "defect_rate": float((proba[idx] >= DEFECT_THRESHOLD).mean()),
+            "cell_types": {t: int((types[idx] == t).sum()) for t in sorted(set(types[idx].tolist()))},
+        }
+        atomic_write_text(plant_dir / "shard.json", json.dumps(summary, indent=2))
+        dirs.append(plant_dir)
+    return dirs
+
+
+def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"no defect data at {path}: run `maxfl prepare-data` or point data-dir at the plant's shard")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            images, proba = npz["images"], npz["defect_proba"]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable defect shard ({exc}); re-create it with `maxfl prepare-data`") from None
+    except KeyError as exc:
+        raise DataError(f"{path} lacks the array {exc}; expected 'images' and 'defect_proba'") from None
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{path}: 'images' must be uint8 of shape (N, H, W), got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise DataError(f"{path} holds no images; a plant needs at least one labelled image per class")
+    if len(proba) != len(images) or not np.all((proba >= 0) & (proba <= 1)):
+        raise DataError(f"{path}: 'defect_proba' must hold one probability in [0, 1] per image")
+    return images, proba
+
+
+def preprocess(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Resize and standardise each image by its own statistics: no pooled statistics, robust to exposure."""
+    out = []
+    for start in range(0, len(images), 256):
+        x = torch.from_numpy(images[start : start + 256]).float().unsqueeze(1) / 255.0
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3)
+        out.append((x - mean) / std)
+    return torch.cat(out)
+
+
+CACHE_VERSION = 1
+
+
+def _cache_path(shard: Path) -> Path:
+    """Keyed by the shard's size and mtime: a replaced shard is never served from a stale cache."""
+    st = shard.stat()
+    return shard.parent / ".cache" / f"defect-v{CACHE_VERSION}-{IMAGE_SIZE}-{st.st_size}-{st.st_mtime_ns}.pt"
+
+
+def _preprocessed(shard: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Preprocessed tensors, cached beside the shard: every round's ClientApp would otherwise redo it."""
+    if not shard.is_file():
+        _read_shard(shard)  # raises the user-facing error
+    cache = _cache_path(shard)
+    if cache.is_file():
+        try:
+            cached = torch.load(cache, weights_only=True)
+            return cached["x"], cached["y"], cached["fingerprint"]
+        except Exception:  # a damaged cache is only a cache: rebuild it from the shard
+            cache.unlink(missing_ok=True)
+    images, proba = _read_shard(shard)
+    x = preprocess(images)
+    y = torch.from_numpy((proba >= DEFECT_THRESHOLD).astype(np.int64))
+    fingerprint = hashlib.sha256(shard.read_bytes()).hexdigest()
+    try:
+        for stale in cache.parent.glob("defect-*.pt"):
+            stale.unlink(missing_ok=True)
+        with atomic_path(cache) as tmp:
+            torch.save({"x": x, "y": y, "fingerprint": fingerprint}, tmp)
+    except OSError:
+        pass  # read-only data location: work without the cache
+    return x, y, fingerprint
+
+
+def load_plant_shard(data_dir: Path, seed: int) -> PlantData:
+    x, y, fingerprint = _preprocessed(data_dir / SHARD_FILE)
+    train_idx, test_idx = holdout_split(y.numpy(), TEST_FRACTION, seed)
+    return PlantData(x[train_idx], y[train_idx], x[test_idx], y[test_idx], fingerprint=fingerprint)

@@ -1,0 +1,73 @@
+"""Bad input through the real `maxfl` command: one line, a non-zero exit, no traceback, nothing left running."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fl_server.tracking import check_reachable
+from maxfl.errors import ConfigError, DataError
+from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from maxfl.local.processes import free_port
+
+MAXFL = [sys.executable, "-m", "maxfl"]
+
+
+def _maxfl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MAXFL, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_unknown_task_is_one_line_naming_the_allowed_tasks(tmp_path):
+    result = _maxfl("federate", "--task", "welding", "--workdir", str(tmp_path))
+    _assert_one_line_error(result, "'task'", "welding", "defect")
+    assert not (tmp_path / "plants").exists()
+
+
+def test_malformed_override_is_one_line(tmp_path):
+    _assert_one_line_error(_maxfl("federate", "--set", "rounds", "--workdir", str(tmp_path)), "key=value")
+
+
+def test_unknown_mode_is_one_line(tmp_path):
+    _assert_one_line_error(_maxfl("federate", "--mode", "cloud", "--workdir", str(tmp_path)), "deployment", "simulation")
+
+
+def test_port_already_taken_is_one_line_and_nothing_is_started(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = _maxfl("federate", "--mlflow-port", str(port), "--workdir", str(tmp_path))
+    _assert_one_line_error(result, f"port {port}", "MLflow", "--mlflow-port")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_empty_data_location_is_reported_before_any_process_starts(tmp_path):
+    settings = FederationSettings(app_dir=find_app_dir(), workdir=tmp_path, plants=2, images_per_plant=20)
+    federation = LocalFederation(settings, echo=lambda _: None)
+    plants = federation.prepare_data("defect", seed=42)
+    for f in plants[1].data_dir.iterdir():
+        if f.is_file():
+            f.unlink()
+        else:
+            import shutil
+
+            shutil.rmtree(f)
+    with pytest.raises(DataError, match="plant-2: data location .* is missing or empty"):
+        federation.prepare_data("defect", seed=42)
+
+
+def test_unreachable_mlflow_fails_before_training_in_one_line():
+    with pytest.raises(ConfigError) as exc:
+        check_reachable(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    assert "unreachable" in str(exc.value) and "\n" not in str(exc.value)
