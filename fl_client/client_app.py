@@ -6,9 +6,11 @@ import zlib
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from fl_client.config import PlantConfig
 from maxfl.messages import ARRAYS, CONFIG, METRICS, PLANT, WEIGHT_KEY, RoundInstructions
+from maxfl.weights import pack, unpack_into
 from tasks import get_task
 from tasks.base import PlantData, Task, TrainSettings
 
@@ -23,10 +25,8 @@ def _prepare(msg: Message, context: Context) -> tuple[PlantConfig, RoundInstruct
     return plant, instructions, task, data
 
 
-def _load_model(task: Task, msg: Message):  # type: ignore[no-untyped-def]
-    model = task.build_model()
-    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
-    return model
+def _load_model(task: Task, msg: Message) -> nn.Module:
+    return unpack_into(task.build_model(), msg.content[ARRAYS])
 
 
 def _reply(msg: Message, plant: PlantConfig, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:
@@ -49,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     metrics = task.train(model, data, settings)
     metrics[WEIGHT_KEY] = len(data.y_train)
-    return _reply(msg, plant, metrics, ArrayRecord(model.state_dict()))
+    return _reply(msg, plant, metrics, pack(model))
 
 
 @app.evaluate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_server.config import RunConfig
@@ -13,6 +13,7 @@ from fl_server.grid import PollingGrid
 from fl_server.strategy import TrackedStrategy, build_strategy
 from fl_server.tracking import tracked_run
 from maxfl.flower_tuning import tune_object_pulls
+from maxfl.weights import pack, unpack_into
 from tasks import get_task
 
 app = ServerApp()
@@ -41,12 +42,12 @@ def main(grid: Grid, context: Context) -> None:
         strategy = TrackedStrategy(build_strategy(cfg), tracker, cfg.min_plants, cfg.num_server_rounds)
         result = strategy.start(
             grid=PollingGrid(grid, cfg.poll_interval_s),
-            initial_arrays=ArrayRecord(model.state_dict()),
+            initial_arrays=pack(model),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout_s,
             train_config=instructions,
             evaluate_config=ConfigRecord(dict(instructions)),
         )
-        model.load_state_dict(result.arrays.to_torch_state_dict())
+        unpack_into(model, result.arrays)
         tracker.log_model(model, task.input_example())
         log.info("MLflow run %s finished; model logged as runs:/%s/model", tracker.run_id, tracker.run_id)

@@ -15,8 +15,8 @@ from rich.console import Console
 from maxfl.errors import ConfigError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning across manufacturing supply chains.")
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:

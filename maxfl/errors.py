@@ -32,5 +32,5 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
         field = ".".join(str(p) for p in err["loc"]) or "(root)"
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"'{field}'{shown}: {err['msg']}")
+        parts.append(f"'{field}'{shown}: {err['msg'].removeprefix('Value error, ')}")
     return f"invalid {source}: " + "; ".join(parts)

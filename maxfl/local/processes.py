@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from maxfl.errors import ProcessError
 
 log = logging.getLogger("maxfl")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def free_port() -> int:
@@ -84,12 +86,16 @@ class Managed:
     popen: subprocess.Popen[bytes]
     log_path: Path
 
-    def tail(self, lines: int = 5) -> str:
+    def tail(self, lines: int = 4) -> str:
+        """The process's last error from its log (or its last lines), on one line."""
         try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
+            text = [_ANSI.sub("", ln).strip() for ln in self.log_path.read_text(errors="replace").splitlines()]
         except OSError:
             return ""
-        return " | ".join(line.strip() for line in text[-lines:])
+        text = [ln for ln in text if ln]
+        errors = [i for i, ln in enumerate(text) if "ERROR" in ln or "Error:" in ln]
+        shown = text[errors[-1] : errors[-1] + lines] if errors else text[-lines:]
+        return " ".join(shown)
 
 
 class ProcessGroup:
@@ -142,19 +148,29 @@ class ProcessGroup:
         return [pid for pid, started in sorted(self.pids_seen.items()) if pid_alive(pid, started)]
 
     def stop_all(self, grace_s: float = 10.0) -> list[int]:
-        """SIGTERM, then SIGKILL after `grace_s`; returns the PIDs that had to be killed."""
+        """SIGTERM the processes we started, then their orphans, SIGKILL after `grace_s`; returns the killed PIDs."""
         self.remember_descendants()
         for p in reversed(self.procs):
             _signal(p.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and self.alive():
+        started = time.monotonic()
+        orphans_signalled = False
+        while time.monotonic() - started < grace_s and self.alive():
             for p in self.procs:
                 p.popen.poll()
             self.remember_descendants()
+            if not orphans_signalled and time.monotonic() - started > min(2.0, grace_s / 2):
+                for pid in self.alive():  # children that outlived their parent (detached sessions)
+                    _signal(pid, signal.SIGTERM)
+                orphans_signalled = True
             time.sleep(0.1)
         killed = self.alive()
         for pid in killed:
             _signal(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.alive() and time.monotonic() < deadline:
+            for p in self.procs:
+                p.popen.poll()
+            time.sleep(0.05)
         for p in self.procs:
             try:
                 p.popen.wait(timeout=5)
