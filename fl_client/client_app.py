@@ -19,7 +19,7 @@ app = ClientApp()
 
 def _prepare(msg: Message, context: Context) -> tuple[PlantConfig, RoundInstructions, Task, PlantData]:
     plant = PlantConfig.from_flower(context.node_config, str(context.run_config.get("sim-data-root", "")))
-    instructions = RoundInstructions.from_record(msg.content[CONFIG])
+    instructions = RoundInstructions.parse(msg.content[CONFIG])
     task = get_task(instructions.task)
     data = task.load_plant_data(plant.data_dir, seed=instructions.seed)
     return plant, instructions, task, data

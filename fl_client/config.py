@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from maxfl.errors import ConfigError, describe_validation_error
+from maxfl.errors import ConfigError
+from maxfl.settings import FlowerSettings
 
 PLANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
-class PlantConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True, alias_generator=lambda s: s.replace("_", "-"))
+class PlantConfig(FlowerSettings, extra="ignore"):
+    source: ClassVar[str] = "plant node config"
 
     plant_id: str = Field(pattern=PLANT_ID_PATTERN)
     data_dir: Path
@@ -28,10 +29,7 @@ class PlantConfig(BaseModel):
                 raise ConfigError("simulation needs run config 'sim-data-root' (the folder holding plant-1, plant-2, ...)")
             plant_id = f"plant-{int(values['partition-id']) + 1}"
             values = {"plant-id": plant_id, "data-dir": str(Path(sim_data_root) / plant_id)}
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, "plant node config")) from None
+        return cls.parse(values)
 
     def as_node_config(self) -> str:
         """The `--node-config` string for `flower-supernode`."""

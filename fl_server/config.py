@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from maxfl.errors import ConfigError, describe_validation_error
+from maxfl.settings import FlowerSettings
 from tasks import task_names
 
 
-class RunConfig(BaseModel):
-    """One federated training run. Keys are kebab-case, as Flower run configs are."""
+class RunConfig(FlowerSettings, extra="forbid"):
+    """One federated training run."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, alias_generator=lambda s: s.replace("_", "-"))
+    source: ClassVar[str] = "run config"
 
     task: str = "defect"
     num_server_rounds: int = Field(3, ge=1, le=10_000)
@@ -43,11 +43,4 @@ class RunConfig(BaseModel):
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
-        try:
-            return cls.model_validate(dict(run_config))
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, "run config")) from None
-
-    def as_params(self) -> dict[str, Any]:
-        """Every setting, kebab-case, as logged to MLflow."""
-        return self.model_dump(by_alias=True)
+        return cls.parse(run_config)

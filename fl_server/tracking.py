@@ -95,5 +95,5 @@ def tracked_run(cfg: RunConfig, flwr_run_id: int, fab_hash: str) -> Iterator[Run
         "python.version": platform.python_version(),
     }
     with mlflow.start_run(run_name=f"{cfg.task}-flwr-{flwr_run_id}", tags={k: v for k, v in tags.items() if v}) as run:
-        mlflow.log_params(cfg.as_params())
+        mlflow.log_params(cfg.to_flower())
         yield RunTracker(mlflow, run.info.run_id)

@@ -12,8 +12,8 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 def test_pyproject_defaults_are_a_valid_run_config_with_the_same_keys():
     defaults = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     cfg = RunConfig.from_flower(defaults)
-    assert set(cfg.as_params()) == set(defaults)
-    assert cfg.as_params() == {**cfg.as_params(), **defaults}
+    assert set(cfg.to_flower()) == set(defaults)
+    assert cfg.to_flower() == {**cfg.to_flower(), **defaults}
 
 
 def test_unknown_task_names_the_field_and_the_allowed_values():
