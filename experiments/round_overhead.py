@@ -1,7 +1,8 @@
 """Round overhead and peak memory of the local federation in deployment mode.
 
-Overhead of a round = wall time of its train and eval phases minus the slowest plant's own training
-and evaluation time (both logged per round to MLflow by the ServerApp). Peak memory = the highest sum
+Overhead of a round = its wall time (first train message out to last eval reply aggregated and logged)
+minus the slowest plant's local training time; the ServerApp logs both per round to MLflow. The phase
+columns split it: each phase's wall time minus the slowest plant's own work in that phase. Peak memory = the highest sum
 of RSS over every process of the federation (MLflow, SuperLink, ServerApp, SuperNodes, ClientApps).
 
     .venv/bin/python experiments/round_overhead.py --plants 3 --rounds 4
@@ -27,24 +28,34 @@ from maxfl.local.processes import descendants
 RESULTS = Path(__file__).parent / "results" / "round_overhead.json"
 
 
-class RssSampler(threading.Thread):
-    """Sums VmRSS over this process's descendants every `period_s`; keeps the peak."""
+def _kib(path: Path, field: str) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+class MemorySampler(threading.Thread):
+    """Every `period_s`, sums RSS and PSS over this process's descendants; keeps the peaks.
+
+    RSS counts a page once per process that maps it (forked ClientApps share torch's pages with their
+    executor), PSS splits shared pages between them: the sum of PSS is the memory really in use.
+    """
 
     def __init__(self, period_s: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.period_s, self.peak_bytes, self._halt = period_s, 0, threading.Event()
+        self.period_s, self.peak_rss, self.peak_pss, self._halt = period_s, 0, 0, threading.Event()
 
     def run(self) -> None:
         while not self._halt.wait(self.period_s):
-            total = 0
+            rss = pss = 0
             for pid in descendants(os.getpid()):
                 try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmRSS:"):
-                            total += int(line.split()[1]) * 1024
+                    rss += _kib(Path(f"/proc/{pid}/status"), "VmRSS:")
+                    pss += _kib(Path(f"/proc/{pid}/smaps_rollup"), "Pss:")
                 except OSError:
                     continue
-            self.peak_bytes = max(self.peak_bytes, total)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss * 1024), max(self.peak_pss, pss * 1024)
 
     def stop(self) -> None:
         self._halt.set()
@@ -58,7 +69,7 @@ def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll
         app_dir=find_app_dir(), workdir=workdir, plants=plants, warm=warm,
         run_overrides={"num-server-rounds": rounds, "poll-interval-s": poll_s, "min-plants": min(plants, 2)},
     )
-    sampler = RssSampler()
+    sampler = MemorySampler()
     sampler.start()
     started = time.perf_counter()
     result = LocalFederation(settings, echo=lambda _line: None).run()
@@ -69,18 +80,21 @@ def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll
     per_round = []
     for step in range(1, rounds + 1):
         row = {}
-        for key in ("round_train_overhead_s", "round_eval_overhead_s", "round_train_wall_s", "round_eval_wall_s"):
+        for key in ("round_overhead_s", "round_wall_s", "round_train_overhead_s", "round_eval_overhead_s"):
             values = [m.value for m in client.get_metric_history(result.mlflow_run_id, key) if m.step == step]
             row[key] = values[0]
         per_round.append(row)
-    overheads = [r["round_train_overhead_s"] + r["round_eval_overhead_s"] for r in per_round]
+    overheads = [r["round_overhead_s"] for r in per_round]
     return {
         "setup": name, "plants": plants, "rounds": rounds, "warm_executors": warm, "server_poll_s": poll_s,
         "overhead_per_round_s_median": statistics.median(overheads),
         "overhead_per_round_s_max": max(overheads),
         "overhead_per_round_s_after_first_median": statistics.median(overheads[1:]) if rounds > 1 else None,
-        "wall_per_round_s_median": statistics.median(r["round_train_wall_s"] + r["round_eval_wall_s"] for r in per_round),
-        "peak_rss_mib": sampler.peak_bytes / 2**20,
+        "wall_per_round_s_median": statistics.median(r["round_wall_s"] for r in per_round),
+        "train_phase_overhead_s_median": statistics.median(r["round_train_overhead_s"] for r in per_round),
+        "eval_phase_overhead_s_median": statistics.median(r["round_eval_overhead_s"] for r in per_round),
+        "peak_rss_sum_mib": sampler.peak_rss / 2**20,
+        "peak_pss_sum_mib": sampler.peak_pss / 2**20,
         "total_s": total_s, "per_round": per_round, "mlflow_run_id": result.mlflow_run_id,
     }
 
@@ -90,15 +104,24 @@ def main() -> None:
     parser.add_argument("--plants", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=Path(".maxfl-bench"))
+    parser.add_argument("--setups", default="defaults,warm", help="comma-separated: defaults, warm")
     args = parser.parse_args()
+    setups = {
+        "defaults": ("flower defaults", False, 3.0),
+        "warm": ("maxfl warm + LAN polling", True, 0.1),
+    }
     rows = [
-        measure("flower defaults", args.workdir / "defaults", args.plants, args.rounds, warm=False, poll_s=3.0),
-        measure("maxfl warm + LAN polling", args.workdir / "warm", args.plants, args.rounds, warm=True, poll_s=0.1),
+        measure(name, args.workdir / key, args.plants, args.rounds, warm=warm, poll_s=poll_s)
+        for key in args.setups.split(",")
+        for name, warm, poll_s in [setups[key]]
     ]
-    print(f"{'setup':<28} {'overhead/round median':>22} {'max':>7} {'wall/round':>11} {'peak RSS':>10}")
+    print(f"{'setup':<26} {'overhead/round':>15} {'(max)':>7} {'train ph.':>10} {'eval ph.':>9} {'wall/round':>11}"
+          f" {'peak PSS':>10} {'peak RSS':>10}")
     for r in rows:
-        print(f"{r['setup']:<28} {r['overhead_per_round_s_median']:>20.2f} s {r['overhead_per_round_s_max']:>5.1f} s"
-              f" {r['wall_per_round_s_median']:>9.1f} s {r['peak_rss_mib']:>6.0f} MiB")
+        print(f"{r['setup']:<26} {r['overhead_per_round_s_median']:>13.2f} s {r['overhead_per_round_s_max']:>5.1f} s"
+              f" {r['train_phase_overhead_s_median']:>8.2f} s {r['eval_phase_overhead_s_median']:>7.2f} s"
+              f" {r['wall_per_round_s_median']:>9.1f} s {r['peak_pss_sum_mib']:>6.0f} MiB {r['peak_rss_sum_mib']:>6.0f} MiB")
+    print("median over rounds; overhead = round wall time - slowest plant's local training time")
     atomic_write_text(RESULTS, json.dumps({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}, indent=2))
     print(f"results: {RESULTS}")
 

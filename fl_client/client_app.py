@@ -9,12 +9,13 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fl_client.config import PlantConfig
+from fl_client.mods import plant_declines_mod
 from maxfl.messages import ARRAYS, CONFIG, METRICS, PLANT, WEIGHT_KEY, RoundInstructions
 from maxfl.weights import pack, unpack_into
 from tasks import get_task
 from tasks.base import PlantData, Task, TrainSettings
 
-app = ClientApp()
+app = ClientApp(mods=[plant_declines_mod])
 
 
 def _prepare(msg: Message, context: Context) -> tuple[PlantConfig, RoundInstructions, Task, PlantData]:

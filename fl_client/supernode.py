@@ -17,7 +17,7 @@ def main() -> None:
 
     poll_s = float(os.environ.get("MAXFL_SUPERNODE_POLL_S", "0.2"))
     cap_module_sleeps(start_client_internal, poll_s)
-    tune_object_pulls(initial_backoff_s=poll_s / 4, backoff_cap_s=poll_s * 5)
+    tune_object_pulls(initial_backoff_s=poll_s / 4, backoff_cap_s=poll_s / 2)
     flower_supernode()
 
 

@@ -19,8 +19,25 @@ import time
 
 log = logging.getLogger("maxfl.warm_exec")
 
-PRELOAD = ("numpy", "torch", "torch.nn", "torch.optim", "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
+PRELOAD = ("numpy", "pydantic", "torch", "torch.nn", "torch.optim", "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
 APP_PACKAGES = ("fl_client", "fl_server", "tasks", "privacy", "maxfl", "experiments")
+
+
+def _warm_torch() -> int:
+    """Pay torch's lazy first-use costs once (building an optimizer imports torch._dynamo: ~1.3 s here).
+
+    Runs single-threaded: an OpenMP thread pool started before fork() deadlocks the children.
+    Returns the thread count the children should restore.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.GroupNorm(1, 2), torch.nn.Flatten(), torch.nn.Linear(72, 2))
+    for optimizer_cls in (torch.optim.SGD, torch.optim.Adam):
+        model(torch.zeros(2, 1, 8, 8)).sum().backward()
+        optimizer_cls(model.parameters(), lr=0.01).step()
+    return threads
 
 
 def _forget_app_modules() -> None:
@@ -30,13 +47,15 @@ def _forget_app_modules() -> None:
             del sys.modules[name]
 
 
-def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None) -> int:
+def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None, torch_threads: int) -> int:
+    import torch
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+    torch.set_num_threads(torch_threads)
     from maxfl.flower_tuning import tune_object_pulls
 
     # The task is handed out before the SuperNode has stored all of its objects; retry quickly.
-    tune_object_pulls(initial_backoff_s=0.05, backoff_cap_s=0.5)
+    tune_object_pulls(initial_backoff_s=0.02, backoff_cap_s=0.1)
     _forget_app_modules()
     try:
         run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
@@ -57,6 +76,7 @@ def _reap(children: dict[int, float]) -> None:
 def serve(address: str, insecure: bool, root_certificates: str | None, parent_pid: int | None, poll_s: float) -> None:
     for module in PRELOAD:
         importlib.import_module(module)
+    torch_threads = _warm_torch()
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TaskType
@@ -84,7 +104,7 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
                 if pid == 0:
                     code = 1
                     try:
-                        code = _run_task(address, res.token, insecure, certificates)
+                        code = _run_task(address, res.token, insecure, certificates, torch_threads)
                     finally:
                         os._exit(code)
                 children[pid] = time.monotonic()

@@ -20,11 +20,21 @@ app = ServerApp()
 log = logging.getLogger("maxfl")
 
 
+def _log_to_stream() -> None:
+    """maxfl's progress lines go to the ServerApp's output, which `flwr run --stream` shows."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_to_stream()
     cfg = RunConfig.from_flower(context.run_config)
-    tune_object_pulls(initial_backoff_s=cfg.poll_interval_s / 2, backoff_cap_s=cfg.poll_interval_s * 10)
+    tune_object_pulls(initial_backoff_s=cfg.poll_interval_s / 2, backoff_cap_s=cfg.poll_interval_s)
     task = get_task(cfg.task)
     torch.manual_seed(cfg.seed)
     model = task.build_model()

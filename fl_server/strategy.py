@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 
@@ -39,6 +40,17 @@ def plant_of(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
+_FLOWER_EXCEPTION = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def failure_reason(msg: Message) -> str:
+    """A failed reply's reason, without Flower's `<class '...'>:<'...'>` wrapping of exceptions."""
+    reason = msg.error.reason
+    if m := _FLOWER_EXCEPTION.match(reason):
+        reason = f"{m.group(1)}: {m.group(2)}"
+    return reason if reason.startswith(("plant", "node-")) else f"{plant_of(msg)}: {reason}"
+
+
 class TrackedStrategy(Strategy):
     """Wraps a strategy: per-round and per-plant metrics to MLflow (step = round) and a progress line.
 
@@ -50,13 +62,15 @@ class TrackedStrategy(Strategy):
         self.tracker = tracker
         self.min_plants = min_plants
         self.num_rounds = num_rounds
+        self._round_started = 0.0
         self._phase_started = 0.0
+        self._slowest_train_s = 0.0
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._phase_started = time.perf_counter()
+        self._round_started = self._phase_started = time.perf_counter()
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -65,10 +79,10 @@ class TrackedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self._record("train", server_round, replies)
+        self._slowest_train_s = self._record("train", server_round, replies)
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_plants:
-            reasons = "; ".join(f"{plant_of(m)}: {m.error.reason}" for m in replies if m.has_error()) or "no replies"
+            reasons = "; ".join(failure_reason(m) for m in replies if m.has_error()) or "no replies"
             raise RunAborted(f"round {server_round}: {len(ok)} plant(s) returned an update, {self.min_plants} needed ({reasons})")
         arrays, metrics = self.inner.aggregate_train(server_round, ok)
         self._log_aggregate(server_round, metrics)
@@ -79,14 +93,17 @@ class TrackedStrategy(Strategy):
         self._record("eval", server_round, replies)
         metrics = self.inner.aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
         self._log_aggregate(server_round, metrics)
+        # The round's overhead: all of its wall time that the slowest plant did not spend training.
+        wall = time.perf_counter() - self._round_started
+        self.tracker.log_metrics({"round_wall_s": wall, "round_overhead_s": wall - self._slowest_train_s}, step=server_round)
         return metrics
 
     def _log_aggregate(self, server_round: int, metrics: MetricRecord | None) -> None:
         if metrics is not None:
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != WEIGHT_KEY}, step=server_round)
 
-    def _record(self, phase: str, server_round: int, replies: list[Message]) -> None:
-        """Per-plant metrics and the phase's overhead: wall time minus the slowest plant's own work."""
+    def _record(self, phase: str, server_round: int, replies: list[Message]) -> float:
+        """Logs per-plant metrics and the phase's wall time and overhead; returns the slowest plant's work time."""
         wall = time.perf_counter() - self._phase_started
         per_plant: dict[str, float] = {}
         status = []
@@ -94,7 +111,7 @@ class TrackedStrategy(Strategy):
         for msg in replies:
             plant = plant_of(msg)
             if msg.has_error():
-                status.append(f"{plant} FAILED ({msg.error.reason})")
+                status.append(f"FAILED {failure_reason(msg)}")
                 continue
             metrics = msg.content[METRICS]
             slowest = max(slowest, float(metrics.get(f"{phase}_time_s", 0.0)))
@@ -106,3 +123,4 @@ class TrackedStrategy(Strategy):
         per_plant[f"round_{phase}_overhead_s"] = wall - slowest
         self.tracker.log_metrics(per_plant, step=server_round)
         log.info("round %d/%d %s (%.1fs): %s", server_round, self.num_rounds, phase, wall, " | ".join(status) or "no replies")
+        return slowest

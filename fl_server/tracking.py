@@ -57,7 +57,8 @@ class RunTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
-        self._mlflow.log_metrics(finite, step=step)
+        # Asynchronous: a round does not wait for the tracking server; the run's end flushes the queue.
+        self._mlflow.log_metrics(finite, step=step, synchronous=False)
 
     def log_model(self, model: nn.Module, input_example: np.ndarray) -> None:
         import mlflow.pytorch

@@ -12,7 +12,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from maxfl.errors import ConfigError, UserError
+from pydantic import ValidationError
+
+from maxfl.errors import ConfigError, UserError, describe_validation_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning across manufacturing supply chains.")
 console = Console(highlight=False, soft_wrap=True)
@@ -58,13 +60,14 @@ def federate(
         overrides["num-server-rounds"] = rounds
     if task is not None:
         overrides["task"] = task
-    if mode not in ("deployment", "simulation"):
-        raise ConfigError(f"--mode {mode!r} is not allowed; choose deployment or simulation")
-    settings = FederationSettings(
-        app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=plants, run_overrides=overrides,  # type: ignore[arg-type]
-        images_per_plant=images_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
-        keep_mlflow=keep_mlflow, warm=warm,
-    )
+    try:
+        settings = FederationSettings(
+            app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=plants, run_overrides=overrides,  # type: ignore[arg-type]
+            images_per_plant=images_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
+            keep_mlflow=keep_mlflow, warm=warm,
+        )
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, "options")) from None
     result = LocalFederation(settings, echo=console.print).run()
     console.print(f"[green]done[/green]: Flower run {result.flwr_run_id} {result.status}")
     console.print(f"MLflow run id: {result.mlflow_run_id}")
@@ -78,7 +81,7 @@ def federate(
 @app.command("prepare-data")
 def prepare_data(
     out: Annotated[Path, typer.Option(help="Folder that receives plant-1, plant-2, ...")],
-    plants: Annotated[int, typer.Option(help="Number of plants.")] = 3,
+    plants: Annotated[int, typer.Option(min=1, help="Number of plants.")] = 3,
     task: Annotated[str, typer.Option(help="Task whose public data set is split.")] = "defect",
     seed: Annotated[int, typer.Option(help="Split seed.")] = 42,
     images_per_plant: Annotated[int | None, typer.Option(help="Subsample each plant.")] = None,
@@ -88,7 +91,11 @@ def prepare_data(
 
     if task not in task_names():
         raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(task_names())}")
-    for d in get_task(task).prepare_plants(plants, out, seed, images_per_plant):
+    try:
+        dirs = get_task(task).prepare_plants(plants, out, seed, images_per_plant)
+    except ValueError as exc:  # e.g. more plants than the data set has modules
+        raise ConfigError(f"cannot split {task} data: {exc}") from None
+    for d in dirs:
         console.print(str(d))
 
 

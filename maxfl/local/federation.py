@@ -61,10 +61,10 @@ class FederationResult:
 
 def find_app_dir() -> Path:
     """The Flower app is the maxfl project itself: the folder whose pyproject declares `[tool.flwr.app]`."""
-    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (candidate / "pyproject.toml").is_file() and "tool" in (cfg := tomllib.loads((candidate / "pyproject.toml").read_text())):
-            if "flwr" in cfg["tool"]:
-                return candidate
+    for candidate in (Path(__file__).resolve().parents[2], Path.cwd()):
+        pyproject = candidate / "pyproject.toml"
+        if pyproject.is_file() and "flwr" in tomllib.loads(pyproject.read_text()).get("tool", {}):
+            return candidate
     raise ConfigError("cannot find the maxfl Flower app (a pyproject.toml with [tool.flwr.app]); run from the project folder")
 
 
@@ -83,6 +83,7 @@ class LocalFederation:
         self.env = {**os.environ, **QUIET_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.bin = Path(bin_dir)
         self._ports: set[int] = set()
+        self.last_server_error = ""
 
     # ---------------------------------------------------------------- steps
     def prepare_data(self, task_name: str, seed: int) -> list[PlantConfig]:
@@ -148,7 +149,7 @@ class LocalFederation:
                     "--node-config", plant.as_node_config(), "--port", str(runtime_port), "--max-wait-time", "60"]
             if self.s.warm:
                 argv += ["--isolation", "process"]
-            env = {**self.env, "FLWR_HOME": str(home)}
+            env = {**self.env, "FLWR_HOME": str(home), "OMP_NUM_THREADS": str(self._threads_per_plant())}
             node = self.procs.start(f"supernode-{plant.plant_id}", argv, env)
             if self.s.warm:
                 runtime = f"127.0.0.1:{runtime_port}"
@@ -156,6 +157,10 @@ class LocalFederation:
                 self.procs.start(f"warm-exec-{plant.plant_id}",
                                  [str(self.bin / "maxfl-warm-exec"), "--runtime-api-address", runtime, "--insecure",
                                   "--parent-pid", str(node.popen.pid)], env)
+
+    def _threads_per_plant(self) -> int:
+        """Plants on one machine share its cores: oversubscribed torch threads slow every plant down."""
+        return max(1, (os.cpu_count() or 1) // self.s.plants)
 
     def write_cli_config(self, superlink: str) -> Path:
         home = self.work / "cli"
@@ -185,6 +190,8 @@ class LocalFederation:
                     self.echo(f"Flower run {run_id} started")
                 elif _is_progress(line):
                     self.echo(line)
+                if m := _SERVER_ERROR.search(line):
+                    self.last_server_error = m.group(1).strip()
         finally:
             watchdog.stop()
             proc.wait()
@@ -223,9 +230,10 @@ class LocalFederation:
             cli_home = self.write_cli_config(superlink)
             run_id = self.submit(cli_home, overrides)
             status = self.run_status(cli_home, run_id)
-            result = self._result(tracking_uri, cfg.experiment_name, run_id, status)
             if not status.endswith("completed"):
-                raise ProcessError(f"Flower run {run_id} ended as '{status}'; the ServerApp log is in {self.work / 'logs' / 'superlink.log'}")
+                reason = self.last_server_error or "see the ServerApp's output above"
+                raise ProcessError(f"Flower run {run_id} ended as '{status}': {reason} (logs: {self.work / 'logs'})")
+            result = self._result(tracking_uri, cfg.experiment_name, run_id, status)
             if self.s.keep_mlflow:
                 self._serve_mlflow_until_interrupted(result)
             return result
@@ -286,6 +294,8 @@ def _http_ok(url: str) -> bool:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The exception that ended a ServerApp, as Flower's log stream shows it: "...RunAborted: round 1: ..."
+_SERVER_ERROR = re.compile(r"(?:maxfl\.errors\.\w+|RunAborted|\w+Error): (.+)$")
 
 
 def _strip_ansi(text: str) -> str:

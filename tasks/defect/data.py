@@ -55,6 +55,8 @@ def write_plant_shards(root: Path, n_plants: int, seed: int, limit: int | None =
 def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"no defect data at {path}: run `maxfl prepare-data` or point data-dir at the plant's shard")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not a readable defect shard (not an .npz archive); re-create it with `maxfl prepare-data`")
     try:
         with np.load(path, allow_pickle=False) as npz:
             images, proba = npz["images"], npz["defect_proba"]

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
+from maxfl.errors import ProcessError
 from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
-from maxfl.local.processes import descendants
+from maxfl.local.processes import descendants, pid_alive
 
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 2
 
 
-def _federate(tmp_path, mode: str) -> tuple:
+def _federation(tmp_path, mode: str = "deployment") -> LocalFederation:
     settings = FederationSettings(
         app_dir=find_app_dir(), workdir=tmp_path / "work", mode=mode, plants=2, images_per_plant=80,
         run_overrides={"num-server-rounds": ROUNDS},
     )
-    federation = LocalFederation(settings, echo=print)
-    result = federation.run()
-    return federation, result
+    return LocalFederation(settings, echo=print)
+
+
+def _federate(tmp_path, mode: str) -> tuple:
+    federation = _federation(tmp_path, mode)
+    return federation, federation.run()
 
 
 def _assert_tracked(tmp_path, result) -> None:
@@ -31,7 +39,7 @@ def _assert_tracked(tmp_path, result) -> None:
     assert run.data.params["num-server-rounds"] == str(ROUNDS) and run.data.params["task"] == "defect"
     assert run.data.tags["maxfl.plants"] == "plant-1,plant-2"
     assert run.data.tags["flwr.run_id"] == str(result.flwr_run_id) and run.data.tags["flwr.version"]
-    for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1"):
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "round_overhead_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, ROUNDS + 1)), key
     for plant in ("plant-1", "plant-2"):
         for key in ("num-examples", "train_loss", "eval_accuracy"):
@@ -41,11 +49,25 @@ def _assert_tracked(tmp_path, result) -> None:
     assert len(models) == 1 and models[0].name == "model"
 
 
+def _processes_using(workdir: Path) -> list[int]:
+    """Live processes whose command line or environment mention `workdir` (orphans included)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(workdir).encode() in text and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 def _assert_nothing_left(federation: LocalFederation) -> None:
     assert federation.procs.alive() == []
-    import os
-
     assert descendants(os.getpid()) == []
+    assert _processes_using(federation.work) == []
 
 
 def test_deployment_two_plants_two_rounds_tracked_in_mlflow(tmp_path):
@@ -59,4 +81,16 @@ def test_simulation_engine_runs_the_same_app(tmp_path):
     federation, result = _federate(tmp_path, "simulation")
     assert result.status == "finished:completed"
     _assert_tracked(tmp_path, result)
+    _assert_nothing_left(federation)
+
+
+def test_a_plant_with_corrupt_data_declines_and_the_run_stops_naming_it(tmp_path):
+    federation = _federation(tmp_path)
+    plants = federation.prepare_data("defect", seed=42)
+    (plants[1].data_dir / "defect.npz").write_bytes(b"not an archive")
+    with pytest.raises(ProcessError) as exc:
+        federation.run()
+    message = str(exc.value)
+    assert "finished:failed" in message and "plant-2 declined" in message and "not an .npz archive" in message
+    assert "\n" not in message
     _assert_nothing_left(federation)

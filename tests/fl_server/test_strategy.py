@@ -78,3 +78,20 @@ def test_run_stops_with_every_plants_reason_when_too_few_answer():
         strategy.aggregate_train(1, [_reply(11, "plant-1", 2.0, 10, 0.5), _failure(12, "no defect data at /srv")])
     assert "1 plant(s) returned an update, 2 needed" in str(exc.value)
     assert "node-12: no defect data at /srv" in str(exc.value)
+
+
+def test_flower_exception_wrapping_is_removed_from_reasons():
+    from fl_server.strategy import failure_reason
+
+    wrapped = _failure(12, "<class 'maxfl.errors.DataError'>:<'/srv/defect.npz is not readable'>")
+    assert failure_reason(wrapped) == "node-12: DataError: /srv/defect.npz is not readable"
+    declined = _failure(13, "plant-3 declined: no defect data at /srv")
+    assert failure_reason(declined) == "plant-3 declined: no defect data at /srv"
+
+
+def test_round_wall_and_overhead_are_logged_once_the_round_is_evaluated():
+    strategy, tracker = _strategy()
+    strategy._round_started = strategy._phase_started = __import__("time").perf_counter()
+    strategy.aggregate_train(4, [_reply(11, "plant-1", 1.0, 10, 0.5), _reply(12, "plant-2", 4.0, 30, 0.9)])
+    strategy.aggregate_evaluate(4, [])
+    assert tracker.metrics[("round_overhead_s", 4)] == pytest.approx(tracker.metrics[("round_wall_s", 4)] - 0.5)

@@ -39,7 +39,11 @@ def test_malformed_override_is_one_line(tmp_path):
 
 
 def test_unknown_mode_is_one_line(tmp_path):
-    _assert_one_line_error(_maxfl("federate", "--mode", "cloud", "--workdir", str(tmp_path)), "deployment", "simulation")
+    _assert_one_line_error(_maxfl("federate", "--mode", "cloud", "--workdir", str(tmp_path)), "'mode'", "deployment", "simulation")
+
+
+def test_zero_plants_is_one_line(tmp_path):
+    _assert_one_line_error(_maxfl("federate", "--plants", "0", "--workdir", str(tmp_path)), "'plants'", "greater than or equal to 1")
 
 
 def test_port_already_taken_is_one_line_and_nothing_is_started(tmp_path):

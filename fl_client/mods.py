@@ -1,0 +1,31 @@
+"""ClientApp mods: rules that hold for every message a plant handles, whatever the handler."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+from fl_client.config import PlantConfig
+from maxfl.errors import UserError
+
+log = logging.getLogger("maxfl")
+
+
+def plant_declines_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A plant that cannot do the work (bad data, bad config) declines with its reason instead of crashing.
+
+    The reason names the plant, since node ids mean nothing to the anchor's operators.
+    """
+    try:
+        return call_next(msg, context)
+    except UserError as exc:
+        try:
+            who = PlantConfig.from_flower(context.node_config, str(context.run_config.get("sim-data-root", ""))).plant_id
+        except UserError:
+            who = f"node-{context.node_id}"
+        log.error("%s declines the %s message: %s", who, msg.metadata.message_type, exc)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{who} declined: {exc}"), reply_to=msg)
