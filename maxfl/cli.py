@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 
@@ -101,22 +102,20 @@ def prepare_data(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # SIGTERM ends the command like Ctrl-C does, so every started process is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both unwind through the launcher's cleanup, so every started process is stopped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))
     try:
-        app(standalone_mode=False)
+        # Not standalone: click turns Ctrl-C into exit code 130 and usage errors into ClickException.
+        code = app(standalone_mode=False)
     except UserError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted: every process maxfl started has been stopped")
-        sys.exit(130)
-    except typer.Exit as exc:
+        code = 130
+    except click.ClickException as exc:
+        exc.show()
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    if code == 130:
+        err_console.print("interrupted: every process maxfl started has been stopped")
+    sys.exit(code if isinstance(code, int) else 0)

@@ -39,7 +39,11 @@ class Task(Protocol):
     def build_model(self) -> nn.Module: ...
 
     def input_example(self) -> np.ndarray:
-        """A real-shaped batch of one, for model signatures and exports."""
+        """A real-shaped batch of two, for model signatures and exports.
+
+        Two, not one: torch.export fixes a dimension of size 1, so a batch of one would export a model
+        that only ever accepts one input.
+        """
         ...
 
     def load_plant_data(self, data_dir: Path, seed: int) -> PlantData: ...

@@ -194,7 +194,13 @@ class LocalFederation:
                     self.last_server_error = m.group(1).strip()
         finally:
             watchdog.stop()
-            proc.wait()
+            if proc.poll() is None:  # interrupted: `flwr run --stream` would otherwise follow the run to its end
+                proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         if watchdog.error is not None:
             raise watchdog.error
         if run_id is None:

@@ -31,7 +31,7 @@ class DefectTask:
         return DefectCNN(num_classes=self.num_classes)
 
     def input_example(self) -> np.ndarray:
-        return np.zeros((1, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+        return np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
 
     def load_plant_data(self, data_dir: Path, seed: int) -> PlantData:
         return load_plant_shard(data_dir, seed)

@@ -47,6 +47,14 @@ def _assert_tracked(tmp_path, result) -> None:
             assert sorted({m.step for m in history}) == list(range(1, ROUNDS + 1)), (plant, key)
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
     assert len(models) == 1 and models[0].name == "model"
+    # The logged model loads without maxfl's code and takes any batch size.
+    import mlflow.pytorch
+    import torch
+
+    (mlmodel,) = [p.parent for p in (tmp_path / "work" / "mlflow" / "artifacts").rglob("MLmodel") if models[0].model_id in str(p)]
+    exported = mlflow.pytorch.load_model(str(mlmodel))
+    assert exported(torch.zeros(3, 1, 64, 64)).shape == (3, 2)
+    assert "torch<2.14,>=2.13" in (mlmodel / "requirements.txt").read_text().splitlines()
 
 
 def _processes_using(workdir: Path) -> list[int]:
@@ -94,3 +102,34 @@ def test_a_plant_with_corrupt_data_declines_and_the_run_stops_naming_it(tmp_path
     assert "finished:failed" in message and "plant-2 declined" in message and "not an .npz archive" in message
     assert "\n" not in message
     _assert_nothing_left(federation)
+
+
+def test_ctrl_c_stops_every_process_the_command_started(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maxfl", "federate", "--plants", "2", "--rounds", "50", "--images-per-plant", "40",
+         "--workdir", str(workdir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "started" in line and "Flower run" in line:
+                break
+        assert _processes_using(workdir.resolve()), "the federation should be running before the interrupt"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    deadline = time.monotonic() + 5
+    while _processes_using(workdir.resolve()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_using(workdir.resolve()) == []
