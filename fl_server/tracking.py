@@ -72,9 +72,6 @@ class RunTracker:
             pip_requirements=MODEL_PIP_REQUIREMENTS,
         )
 
-    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        self._mlflow.log_dict(data, artifact_file)
-
 
 @contextmanager
 def tracked_run(cfg: RunConfig, flwr_run_id: int, fab_hash: str) -> Iterator[RunTracker]:

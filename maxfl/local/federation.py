@@ -153,7 +153,7 @@ class LocalFederation:
             node = self.procs.start(f"supernode-{plant.plant_id}", argv, env)
             if self.s.warm:
                 runtime = f"127.0.0.1:{runtime_port}"
-                self.procs.wait_until(f"{plant.plant_id}'s SuperNode", lambda: _http_ok(f"http://{runtime}/health"), STARTUP_TIMEOUT_S, node)
+                self.procs.wait_until(f"{plant.plant_id}'s SuperNode", lambda url=f"http://{runtime}/health": _http_ok(url), STARTUP_TIMEOUT_S, node)
                 self.procs.start(f"warm-exec-{plant.plant_id}",
                                  [str(self.bin / "maxfl-warm-exec"), "--runtime-api-address", runtime, "--insecure",
                                   "--parent-pid", str(node.popen.pid)], env)

@@ -2,7 +2,6 @@ import time
 import types
 
 import flwr
-import pytest
 
 from maxfl import flower_tuning
 

@@ -31,7 +31,7 @@ def test_split_is_non_iid_by_cell_type_and_reproducible():
     mono_share = [float(np.mean(types[p] == "mono")) for p in parts]
     assert mono_share[0] > 0.6 and mono_share[1] < 0.4
     again = split_plants(types, 2, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
 def test_more_plants_than_modules_is_an_error():
