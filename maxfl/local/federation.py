@@ -265,8 +265,11 @@ class LocalFederation:
         mlflow_proc = self.procs.procs[0]
         for managed in self.procs.procs[1:]:
             managed.popen.terminate()
-        while mlflow_proc.popen.poll() is None:
-            time.sleep(0.5)
+        try:
+            while mlflow_proc.popen.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass  # the expected way to end browsing: the run itself succeeded
 
 
 class _Watchdog(threading.Thread):

@@ -133,3 +133,35 @@ def test_ctrl_c_stops_every_process_the_command_started(tmp_path):
     while _processes_using(workdir.resolve()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_using(workdir.resolve()) == []
+
+
+def test_keep_mlflow_serves_the_finished_run_until_ctrl_c(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maxfl", "federate", "--plants", "2", "--rounds", "1", "--images-per-plant", "40",
+         "--workdir", str(workdir), "--keep-mlflow"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = None
+        for line in proc.stdout:
+            if "stays up" in line:
+                url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+                break
+        assert url is not None, "the run should finish and leave MLflow up"
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "finished:completed" in out and "MLflow run id:" in out
+    assert _processes_using(workdir.resolve()) == []
