@@ -51,9 +51,9 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
     import torch
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    torch.set_num_threads(torch_threads)
     from maxfl.flower_tuning import tune_object_pulls
 
+    torch.set_num_threads(torch_threads)
     # The task is handed out before the SuperNode has stored all of its objects; retry quickly.
     tune_object_pulls(initial_backoff_s=0.02, backoff_cap_s=0.1)
     _forget_app_modules()
