@@ -19,7 +19,7 @@ app = ClientApp(mods=[plant_declines_mod])
 
 
 def _prepare(msg: Message, context: Context) -> tuple[PlantConfig, RoundInstructions, Task, PlantData]:
-    plant = PlantConfig.from_flower(context.node_config, str(context.run_config.get("sim-data-root", "")))
+    plant = PlantConfig.from_context(context)
     instructions = RoundInstructions.parse(msg.content[CONFIG])
     task = get_task(instructions.task)
     data = task.load_plant_data(plant.data_dir, seed=instructions.seed)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
 from maxfl.errors import ConfigError
 from maxfl.settings import FlowerSettings
+
+if TYPE_CHECKING:
+    from flwr.app import Context
 
 PLANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -30,6 +33,10 @@ class PlantConfig(FlowerSettings, extra="ignore"):
             plant_id = f"plant-{int(values['partition-id']) + 1}"
             values = {"plant-id": plant_id, "data-dir": str(Path(sim_data_root) / plant_id)}
         return cls.parse(values)
+
+    @classmethod
+    def from_context(cls, context: Context) -> PlantConfig:
+        return cls.from_flower(context.node_config, str(context.run_config.get("sim-data-root", "")))
 
     def as_node_config(self) -> str:
         """The `--node-config` string for `flower-supernode`."""

@@ -24,7 +24,7 @@ def plant_declines_mod(msg: Message, context: Context, call_next: ClientAppCalla
         return call_next(msg, context)
     except UserError as exc:
         try:
-            who = PlantConfig.from_flower(context.node_config, str(context.run_config.get("sim-data-root", ""))).plant_id
+            who = PlantConfig.from_context(context).plant_id
         except UserError:
             who = f"node-{context.node_id}"
         log.error("%s declines the %s message: %s", who, msg.metadata.message_type, exc)

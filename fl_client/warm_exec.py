@@ -51,11 +51,7 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
     import torch
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    from maxfl.flower_tuning import tune_object_pulls
-
     torch.set_num_threads(torch_threads)
-    # The task is handed out before the SuperNode has stored all of its objects; retry quickly.
-    tune_object_pulls(initial_backoff_s=0.02, backoff_cap_s=0.1)
     _forget_app_modules()
     try:
         run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
@@ -85,6 +81,10 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
+    from maxfl.flower_tuning import tune_object_pulls
+
+    # A task is handed out before the SuperNode has stored all of its objects; forked tasks retry quickly.
+    tune_object_pulls(initial_backoff_s=0.02, backoff_cap_s=0.1)
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     certificates = validate_and_resolve_root_certificates(root_certificates, insecure)

@@ -23,7 +23,7 @@ from fl_client.config import PlantConfig
 from fl_server.config import RunConfig
 from maxfl.atomic import atomic_write_text
 from maxfl.errors import ConfigError, DataError, ProcessError
-from maxfl.local.processes import ProcessGroup, free_port, port_is_free
+from maxfl.local.processes import Managed, ProcessGroup, free_port, port_is_free, strip_ansi
 from tasks import get_task
 
 log = logging.getLogger("maxfl")
@@ -83,6 +83,7 @@ class LocalFederation:
         self.env = {**os.environ, **QUIET_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.bin = Path(bin_dir)
         self._ports: set[int] = set()
+        self._mlflow: Managed | None = None
         self.last_server_error = ""
 
     # ---------------------------------------------------------------- steps
@@ -115,7 +116,7 @@ class LocalFederation:
     def start_mlflow(self, port: int) -> str:
         store = self.work / "mlflow"
         (store / "artifacts").mkdir(parents=True, exist_ok=True)
-        proc = self.procs.start(
+        proc = self._mlflow = self.procs.start(
             "mlflow",
             [str(self.bin / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
@@ -177,14 +178,13 @@ class LocalFederation:
         env = {**self.env, "FLWR_HOME": str(cli_home)}
         argv = [str(self.bin / "flwr"), "run", str(self.s.app_dir), "local", "--stream", "--run-config", str(cfg_file)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True)
-        self.procs.pids_seen[proc.pid] = None
         watchdog = _Watchdog(self.procs, proc)
         watchdog.start()
         run_id = None
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
-                line = _strip_ansi(line.rstrip())
+                line = strip_ansi(line.rstrip())
                 if m := re.search(r"Successfully started run (\d+)", line):
                     run_id = int(m.group(1))
                     self.echo(f"Flower run {run_id} started")
@@ -262,11 +262,12 @@ class LocalFederation:
 
     def _serve_mlflow_until_interrupted(self, result: FederationResult) -> None:
         self.echo(f"MLflow stays up for browsing at {result.mlflow_url} — press Ctrl-C to stop it")
-        mlflow_proc = self.procs.procs[0]
-        for managed in self.procs.procs[1:]:
-            managed.popen.terminate()
+        assert self._mlflow is not None
+        for managed in self.procs.procs:
+            if managed is not self._mlflow:
+                managed.popen.terminate()
         try:
-            while mlflow_proc.popen.poll() is None:
+            while self._mlflow.popen.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass  # the expected way to end browsing: the run itself succeeded
@@ -302,13 +303,8 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # The exception that ended a ServerApp, as Flower's log stream shows it: "...RunAborted: round 1: ..."
 _SERVER_ERROR = re.compile(r"(?:maxfl\.errors\.\w+|RunAborted|\w+Error): (.+)$")
-
-
-def _strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
 
 
 def _is_progress(line: str) -> bool:

@@ -19,6 +19,11 @@ log = logging.getLogger("maxfl")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def strip_ansi(text: str) -> str:
+    """Flower colours its log lines; our one-line messages and filters want plain text."""
+    return _ANSI.sub("", text)
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -89,7 +94,7 @@ class Managed:
     def tail(self, lines: int = 4) -> str:
         """The process's last error from its log (or its last lines), on one line."""
         try:
-            text = [_ANSI.sub("", ln).strip() for ln in self.log_path.read_text(errors="replace").splitlines()]
+            text = [strip_ansi(ln).strip() for ln in self.log_path.read_text(errors="replace").splitlines()]
         except OSError:
             return ""
         text = [ln for ln in text if ln]
