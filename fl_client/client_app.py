@@ -6,41 +6,54 @@ import zlib
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from pydantic import ValidationError
 from torch import nn
 
 from fl_client.config import PlantConfig
 from fl_client.mods import plant_declines_mod
-from maxfl.messages import ARRAYS, CONFIG, METRICS, PLANT, WEIGHT_KEY, RoundInstructions
+from maxfl.errors import ConfigError
+from maxfl.messages import ARRAYS, CONFIG, METRICS, PLANT, PROFILE, WEIGHT_KEY, DataQuery, RoundInstructions
 from maxfl.weights import pack, unpack_into
 from tasks import get_task
-from tasks.base import PlantData, Task, TrainSettings
+from tasks.base import PlantData, Task, TaskSpec, TrainSettings
 
 app = ClientApp(mods=[plant_declines_mod])
 
 
-def _prepare(msg: Message, context: Context) -> tuple[PlantConfig, RoundInstructions, Task, PlantData]:
+def _prepare(msg: Message, context: Context) -> tuple[PlantConfig, RoundInstructions, Task, TaskSpec, PlantData]:
     plant = PlantConfig.from_context(context)
     instructions = RoundInstructions.parse(msg.content[CONFIG])
     task = get_task(instructions.task)
-    data = task.load_plant_data(plant.data_dir, seed=instructions.seed)
-    return plant, instructions, task, data
+    try:
+        spec = task.spec_type.model_validate_json(instructions.task_spec)
+    except ValidationError as exc:
+        raise ConfigError(f"the anchor sent an unreadable {task.name} task spec ({exc.error_count()} error(s))") from None
+    data = task.load_plant_data(plant.data_dir, instructions.seed, spec)
+    return plant, instructions, task, spec, data
 
 
-def _load_model(task: Task, msg: Message) -> nn.Module:
-    return unpack_into(task.build_model(), msg.content[ARRAYS])
+def _load_model(task: Task, spec: TaskSpec, msg: Message) -> nn.Module:
+    return unpack_into(task.build_model(spec), msg.content[ARRAYS])
 
 
-def _reply(msg: Message, plant: PlantConfig, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({METRICS: MetricRecord(metrics), PLANT: ConfigRecord({"plant-id": plant.plant_id})})
-    if arrays is not None:
-        content[ARRAYS] = arrays
+def _reply(msg: Message, plant: PlantConfig, content: RecordDict) -> Message:
+    content[PLANT] = ConfigRecord({"plant-id": plant.plant_id})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Describe the plant's data (schema and statistics, never rows) so the anchor can check agreement."""
+    plant = PlantConfig.from_context(context)
+    request = DataQuery.parse(msg.content[CONFIG])
+    profile = get_task(request.task).profile(plant.data_dir, request.seed)
+    return _reply(msg, plant, RecordDict({CONFIG: ConfigRecord({PROFILE: profile.model_dump_json(by_alias=True)})}))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    plant, instructions, task, data = _prepare(msg, context)
-    model = _load_model(task, msg)
+    plant, instructions, task, spec, data = _prepare(msg, context)
+    model = _load_model(task, spec, msg)
     settings = TrainSettings(
         epochs=instructions.local_epochs,
         batch_size=instructions.batch_size,
@@ -50,12 +63,12 @@ def train(msg: Message, context: Context) -> Message:
     )
     metrics = task.train(model, data, settings)
     metrics[WEIGHT_KEY] = len(data.y_train)
-    return _reply(msg, plant, metrics, pack(model))
+    return _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics), ARRAYS: pack(model)}))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    plant, _, task, data = _prepare(msg, context)
-    metrics = task.evaluate(_load_model(task, msg), data)
+    plant, _, task, spec, data = _prepare(msg, context)
+    metrics = task.evaluate(_load_model(task, spec, msg), data, spec)
     metrics[WEIGHT_KEY] = len(data.y_test)
-    return _reply(msg, plant, metrics)
+    return _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics)}))

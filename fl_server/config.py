@@ -17,6 +17,10 @@ class RunConfig(FlowerSettings, extra="forbid"):
     source: ClassVar[str] = "run config"
 
     task: str = "defect"
+    # The task's model; empty picks the task's default. Checked against the task before training.
+    model: str = ""
+    # Model input size for image tasks that resize (bring-your-own image folders).
+    image_size: int = Field(64, ge=8, le=512)
     num_server_rounds: int = Field(3, ge=1, le=10_000)
     strategy: Literal["fedavg"] = "fedavg"
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)

@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_server.config import RunConfig
+from fl_server.data_agreement import agree_on_data
 from fl_server.grid import PollingGrid
 from fl_server.strategy import TrackedStrategy, build_strategy
 from fl_server.tracking import tracked_run
@@ -36,22 +37,26 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
     tune_object_pulls(initial_backoff_s=cfg.poll_interval_s / 2, backoff_cap_s=cfg.poll_interval_s)
     task = get_task(cfg.task)
-    torch.manual_seed(cfg.seed)
-    model = task.build_model()
-    instructions = ConfigRecord(
-        {
-            "task": cfg.task,
-            "local-epochs": cfg.local_epochs,
-            "batch-size": cfg.batch_size,
-            "learning-rate": cfg.learning_rate,
-            "seed": cfg.seed,
-        }
-    )
+    grid = PollingGrid(grid, cfg.poll_interval_s)
     with tracked_run(cfg, grid.run.run_id, grid.run.fab_hash) as tracker:
         log.info("MLflow run %s: %d rounds of %s on task %s", tracker.run_id, cfg.num_server_rounds, cfg.strategy, cfg.task)
+        spec, profiles = agree_on_data(grid, cfg, task)
+        tracker.log_data_agreement(spec, profiles)
+        torch.manual_seed(cfg.seed)
+        model = task.build_model(spec)
+        instructions = ConfigRecord(
+            {
+                "task": cfg.task,
+                "task-spec": spec.model_dump_json(),
+                "local-epochs": cfg.local_epochs,
+                "batch-size": cfg.batch_size,
+                "learning-rate": cfg.learning_rate,
+                "seed": cfg.seed,
+            }
+        )
         strategy = TrackedStrategy(build_strategy(cfg), tracker, cfg.min_plants, cfg.num_server_rounds)
         result = strategy.start(
-            grid=PollingGrid(grid, cfg.poll_interval_s),
+            grid=grid,
             initial_arrays=pack(model),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout_s,
@@ -59,5 +64,5 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_config=ConfigRecord(dict(instructions)),
         )
         unpack_into(model, result.arrays)
-        tracker.log_model(model, task.input_example())
+        tracker.log_model(model, task.input_example(spec))
         log.info("MLflow run %s finished; model logged as runs:/%s/model", tracker.run_id, tracker.run_id)

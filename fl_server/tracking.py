@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 from torch import nn
 
 import maxfl
@@ -59,6 +60,12 @@ class RunTracker:
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
         # Asynchronous: a round does not wait for the tracking server; the run's end flushes the queue.
         self._mlflow.log_metrics(finite, step=step, synchronous=False)
+
+    def log_data_agreement(self, spec: BaseModel, profiles: Mapping[str, BaseModel]) -> None:
+        """The merged spec and each plant's profile (schema, statistics, data fingerprint), for lineage."""
+        self._mlflow.log_dict(spec.model_dump(mode="json"), "data/task-spec.json")
+        self._mlflow.log_dict({p: prof.model_dump(mode="json", by_alias=True) for p, prof in profiles.items()}, "data/profiles.json")
+        self._mlflow.set_tags({f"maxfl.data.{p}": getattr(prof, "fingerprint", "")[:16] for p, prof in profiles.items()})
 
     def log_model(self, model: nn.Module, input_example: np.ndarray) -> None:
         import mlflow.pytorch

@@ -12,17 +12,26 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 PLANT = "plant"  # ConfigRecord in every reply: which plant answered (node ids are opaque)
+PROFILE = "profile"  # ConfigRecord key in a query reply: the plant's DataProfile as JSON
 WEIGHT_KEY = "num-examples"
 
 
-class RoundInstructions(FlowerSettings, extra="ignore"):
+class DataQuery(FlowerSettings, extra="ignore"):
+    """Sent once before training: describe your data for this task."""
+
+    source: ClassVar[str] = "data query"
+
+    task: str
+    seed: int = 0
+
+
+class RoundInstructions(DataQuery):
     """Sent by the anchor with the global weights; the plant trains or evaluates accordingly."""
 
     source: ClassVar[str] = "round instructions"
 
-    task: str
+    task_spec: str  # the TaskSpec JSON the anchor merged from all plants' profiles
     server_round: int = Field(ge=1)
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.05, gt=0.0)
-    seed: int = 0

@@ -1,14 +1,25 @@
-"""What a task provides: data loading for one plant, the model, local training and evaluation."""
+"""What a task provides, and the two-step agreement that precedes training.
+
+Before the first round every plant describes its data (`DataProfile`: schema and sufficient statistics,
+never rows); the anchor checks that the plants agree and merges the statistics into one `TaskSpec`
+(classes, vocabularies, scaling) that travels with every round. A task is thus one module: fl_server and
+fl_client only move profiles, specs and weights.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from maxfl.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -29,16 +40,98 @@ class PlantData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    fingerprint: str  # SHA-256 of the raw shard, so runs and ledgers can name the data they used
+    fingerprint: str  # SHA-256 of the plant's raw data, so runs and ledgers can name the data they used
+
+
+class TaskOptions(BaseModel):
+    """The anchor's choices for a task, from the run config."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = ""  # empty: the task's default model
+    image_size: int = Field(64, ge=8, le=512)
+
+
+class DataProfile(BaseModel):
+    """What one plant reports before training.
+
+    `schema_` must be identical across plants (column -> type, target, ...); tasks add the sufficient
+    statistics they need to build a spec without pooling data.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    task: str
+    fingerprint: str
+    examples: int = Field(ge=0)
+    schema_: dict[str, str] = Field(default_factory=dict, alias="schema")
+
+
+class TaskSpec(BaseModel):
+    """What every plant needs to build the shared model and encode its data identically."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task: str
+    model: str
+    num_classes: int = Field(ge=1)  # 1 for regression
+
+
+class SchemaMismatch(DataError):
+    """Plants disagree on the data schema; `problems` names each deviating plant and how it deviates."""
+
+    def __init__(self, problems: Mapping[str, list[str]]) -> None:
+        self.problems = dict(problems)
+        listed = "; ".join(f"{plant}: {', '.join(found)}" for plant, found in sorted(self.problems.items()))
+        super().__init__(f"plants disagree on the data schema, fix their manifests before training: {listed}")
+
+
+def schema_mismatches(profiles: Mapping[str, DataProfile]) -> dict[str, list[str]]:
+    """Per plant, each schema field where it differs from the majority of plants (ties: the first plant by id)."""
+    plants = sorted(profiles)
+    fields = sorted({f for p in plants for f in profiles[p].schema_})
+    problems: dict[str, list[str]] = {}
+    for field in fields:
+        values = {p: profiles[p].schema_.get(field) for p in plants}
+        counts = Counter(values.values())
+        top = max(counts.values())
+        majority = next(values[p] for p in plants if counts[values[p]] == top)
+        holders = [p for p in plants if values[p] == majority]
+        for plant in plants:
+            if values[plant] == majority:
+                continue
+            have = "missing" if values[plant] is None else f"'{values[plant]}'"
+            want = "missing" if majority is None else f"'{majority}'"
+            problems.setdefault(plant, []).append(f"{field} is {have} ({', '.join(holders)}: {want})")
+    return problems
+
+
+def check_schemas(profiles: Mapping[str, DataProfile], task: str) -> None:
+    """Raise SchemaMismatch naming every plant whose data does not fit the federation's schema."""
+    problems: dict[str, list[str]] = {p: [f"task is '{prof.task}', the run trains '{task}'"] for p, prof in profiles.items() if prof.task != task}
+    for plant, found in schema_mismatches({p: prof for p, prof in profiles.items() if prof.task == task}).items():
+        problems.setdefault(plant, []).extend(found)
+    if problems:
+        raise SchemaMismatch(problems)
 
 
 class Task(Protocol):
     name: str
-    num_classes: int
+    models: tuple[str, ...]  # the first is the default
+    profile_type: type[DataProfile]
+    spec_type: type[TaskSpec]
 
-    def build_model(self) -> nn.Module: ...
+    def profile(self, data_dir: Path, seed: int) -> DataProfile:
+        """Plant side: validate the plant's data and describe it (raises DataError naming file and field)."""
+        ...
 
-    def input_example(self) -> np.ndarray:
+    def make_spec(self, profiles: Mapping[str, DataProfile], options: TaskOptions) -> TaskSpec:
+        """Anchor side: check the plants agree (SchemaMismatch otherwise) and merge their statistics."""
+        ...
+
+    def build_model(self, spec: TaskSpec) -> nn.Module: ...
+
+    def input_example(self, spec: TaskSpec) -> np.ndarray:
         """A real-shaped batch of two, for model signatures and exports.
 
         Two, not one: torch.export fixes a dimension of size 1, so a batch of one would export a model
@@ -46,7 +139,7 @@ class Task(Protocol):
         """
         ...
 
-    def load_plant_data(self, data_dir: Path, seed: int) -> PlantData: ...
+    def load_plant_data(self, data_dir: Path, seed: int, spec: TaskSpec) -> PlantData: ...
 
     def prepare_plants(self, n_plants: int, root: Path, seed: int, limit: int | None = None) -> list[Path]:
         """Materialise a demo split of the task's public data set, one folder per plant."""
@@ -54,4 +147,11 @@ class Task(Protocol):
 
     def train(self, model: nn.Module, data: PlantData, settings: TrainSettings) -> dict[str, float]: ...
 
-    def evaluate(self, model: nn.Module, data: PlantData) -> dict[str, float]: ...
+    def evaluate(self, model: nn.Module, data: PlantData, spec: TaskSpec) -> dict[str, float]: ...
+
+
+def resolve_model(task: Task, options: TaskOptions) -> str:
+    model = options.model or task.models[0]
+    if model not in task.models:
+        raise ConfigError(f"task {task.name} has no model {model!r}; choose one of: {', '.join(task.models)}")
+    return model

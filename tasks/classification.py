@@ -15,10 +15,15 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights from the plant's own labels: skewed defect rates need no global statistics."""
+    """Inverse-frequency weights from the plant's own labels: skewed defect rates need no global statistics.
+
+    Classes the plant never saw get weight 1 (not a huge one): they contribute no loss terms locally anyway.
+    """
     counts = torch.bincount(labels, minlength=num_classes).float()
-    weights = counts.sum() / (num_classes * counts.clamp(min=1.0))
-    return weights / weights.mean()
+    present = counts > 0
+    weights = torch.ones(num_classes)
+    weights[present] = counts.sum() / (int(present.sum()) * counts[present])
+    return weights / weights[present].mean()
 
 
 def train_classifier(
@@ -27,10 +32,11 @@ def train_classifier(
     settings: TrainSettings,
     num_classes: int,
     augment: Augment | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     gen = torch.Generator().manual_seed(settings.seed)
     weights = class_weights(data.y_train, num_classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=0.9)
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=0.9)
     model.train()
     n = len(data.y_train)
     seen, loss_sum, correct = 0, 0.0, 0
@@ -57,26 +63,62 @@ def train_classifier(
     }
 
 
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve by ranks (ties averaged); NaN when only one class is present."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = scores.argsort()
+    sorted_scores = scores[order]
+    ranks = torch.empty(len(scores), dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average the ranks of tied scores
+    uniq, inverse, counts = torch.unique(sorted_scores, return_inverse=True, return_counts=True)
+    if len(uniq) < len(scores):
+        sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks[order])
+        ranks[order] = (sums / counts)[inverse]
+    return float((ranks[positive.bool()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, data: PlantData, num_classes: int, batch_size: int = 256) -> dict[str, float]:
-    started = time.perf_counter()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     model.eval()
-    logits = torch.cat([model(data.x_test[i : i + batch_size]) for i in range(0, len(data.y_test), batch_size)])
-    y = data.y_test
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy, macro-F1 over the classes present in `y` or predicted, per-class recall, AUROC.
+
+    AUROC: class 1 vs class 0 for two classes (defective vs good); the mean one-vs-rest AUROC otherwise.
+    """
     pred = logits.argmax(1)
-    metrics = {
-        "eval_loss": F.cross_entropy(logits, y).item(),
-        "eval_accuracy": (pred == y).float().mean().item(),
-    }
+    metrics = {"eval_loss": F.cross_entropy(logits, y).item(), "eval_accuracy": (pred == y).float().mean().item()}
     f1s = []
     for c in range(num_classes):
         tp = ((pred == c) & (y == c)).sum().item()
         fp = ((pred == c) & (y != c)).sum().item()
         fn = ((pred != c) & (y == c)).sum().item()
+        if tp + fp + fn == 0:
+            continue  # a class absent from this test set and never predicted says nothing
         recall = tp / (tp + fn) if tp + fn else 0.0
         precision = tp / (tp + fp) if tp + fp else 0.0
         f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-        metrics[f"eval_recall_class{c}"] = recall
-    metrics["eval_macro_f1"] = sum(f1s) / num_classes
+        if tp + fn:
+            metrics[f"eval_recall_class{c}"] = recall
+    metrics["eval_macro_f1"] = sum(f1s) / max(len(f1s), 1)
+    proba = logits.softmax(1)
+    if num_classes == 2:
+        metrics["eval_auroc"] = auroc(proba[:, 1], y == 1)
+    else:
+        per_class = [auroc(proba[:, c], y == c) for c in range(num_classes)]
+        finite = [a for a in per_class if a == a]
+        metrics["eval_auroc"] = sum(finite) / len(finite) if finite else float("nan")
+    return metrics
+
+
+def evaluate_classifier(model: nn.Module, data: PlantData, num_classes: int) -> dict[str, float]:
+    started = time.perf_counter()
+    metrics = classification_metrics(predict_logits(model, data.x_test), data.y_test, num_classes)
     metrics["eval_time_s"] = time.perf_counter() - started
     return metrics

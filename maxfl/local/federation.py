@@ -25,6 +25,7 @@ from maxfl.atomic import atomic_write_text
 from maxfl.errors import ConfigError, DataError, ProcessError
 from maxfl.local.processes import Managed, ProcessGroup, free_port, port_is_free, strip_ansi
 from tasks import get_task
+from tasks.base import TaskOptions, resolve_model
 
 log = logging.getLogger("maxfl")
 
@@ -219,6 +220,7 @@ class LocalFederation:
     # ---------------------------------------------------------------- all together
     def run(self) -> FederationResult:
         cfg = app_run_config(self.s.app_dir, self.s.run_overrides)
+        resolve_model(get_task(cfg.task), TaskOptions(model=cfg.model, image_size=cfg.image_size))  # fail before any process starts
         mlflow_port = self._port(self.s.mlflow_port, "MLflow", "--mlflow-port")
         superlink_port = self._port(self.s.superlink_port, "the SuperLink", "--superlink-port")
         plants = self.prepare_data(cfg.task, cfg.seed)

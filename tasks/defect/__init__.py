@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
-from tasks.base import PlantData, TrainSettings
+from tasks.base import DataProfile, PlantData, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
 from tasks.classification import evaluate_classifier, train_classifier
 from tasks.defect.data import IMAGE_SIZE, load_plant_shard, write_plant_shards
 from tasks.defect.model import DefectCNN
 
+CLASSES = ("good", "defective")
 
-def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+
+def flip_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Cells are symmetric under flips; a cheap augmentation that keeps defects defects."""
     if torch.rand(1, generator=gen).item() < 0.5:
         x = x.flip(-1)
@@ -23,27 +27,52 @@ def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
+class DefectProfile(DataProfile):
+    class_counts: dict[str, int] = Field(default_factory=dict)
+
+
+class DefectSpec(TaskSpec):
+    classes: tuple[str, ...] = CLASSES
+
+
 class DefectTask:
     name = "defect"
-    num_classes = 2
+    models = ("cnn",)
+    profile_type = DefectProfile
+    spec_type = DefectSpec
 
-    def build_model(self) -> nn.Module:
-        return DefectCNN(num_classes=self.num_classes)
+    def profile(self, data_dir: Path, seed: int) -> DefectProfile:
+        data = load_plant_shard(data_dir, seed)
+        counts = torch.bincount(data.y_train, minlength=len(CLASSES)).tolist()
+        return DefectProfile(
+            task=self.name,
+            fingerprint=data.fingerprint,
+            examples=len(data.y_train),
+            schema={"image": f"grey {IMAGE_SIZE}x{IMAGE_SIZE} (resized)", "label": "defect probability >= 0.5"},
+            class_counts=dict(zip(CLASSES, counts, strict=True)),
+        )
 
-    def input_example(self) -> np.ndarray:
+    def make_spec(self, profiles: Mapping[str, DataProfile], options: TaskOptions) -> DefectSpec:
+        check_schemas(profiles, self.name)
+        return DefectSpec(task=self.name, model=resolve_model(self, options), num_classes=len(CLASSES))
+
+    def build_model(self, spec: TaskSpec) -> nn.Module:
+        return DefectCNN(num_classes=spec.num_classes)
+
+    def input_example(self, spec: TaskSpec) -> np.ndarray:
         return np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
 
-    def load_plant_data(self, data_dir: Path, seed: int) -> PlantData:
+    def load_plant_data(self, data_dir: Path, seed: int, spec: TaskSpec) -> PlantData:
         return load_plant_shard(data_dir, seed)
 
     def prepare_plants(self, n_plants: int, root: Path, seed: int, limit: int | None = None) -> list[Path]:
         return write_plant_shards(root, n_plants, seed, limit)
 
     def train(self, model: nn.Module, data: PlantData, settings: TrainSettings) -> dict[str, float]:
-        return train_classifier(model, data, settings, self.num_classes, augment=_flip)
+        return train_classifier(model, data, settings, len(CLASSES), augment=flip_augment)
 
-    def evaluate(self, model: nn.Module, data: PlantData) -> dict[str, float]:
-        return evaluate_classifier(model, data, self.num_classes)
+    def evaluate(self, model: nn.Module, data: PlantData, spec: TaskSpec) -> dict[str, float]:
+        return evaluate_classifier(model, data, spec.num_classes)
 
 
 TASK = DefectTask()
