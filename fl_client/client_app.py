@@ -61,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
         # Different plants and rounds draw different batches and augmentations, reproducibly.
         seed=zlib.crc32(f"{instructions.seed}/{plant.plant_id}/{instructions.server_round}".encode()),
     )
-    metrics = task.train(model, data, settings)
+    metrics = task.train(model, data, settings, spec)
     metrics[WEIGHT_KEY] = len(data.y_train)
     return _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics), ARRAYS: pack(model)}))
 

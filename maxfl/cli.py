@@ -46,7 +46,8 @@ def federate(
     mode: Annotated[str, typer.Option(help="deployment (one SuperNode process per plant) or simulation.")] = "deployment",
     workdir: Annotated[Path, typer.Option(help="Plants' data, SuperLink state, MLflow store and logs.")] = Path(".maxfl"),
     set_: Annotated[list[str], typer.Option("--set", help="Run config override key=value (repeatable).")] = [],  # noqa: B006
-    images_per_plant: Annotated[int | None, typer.Option(help="Subsample each plant's images (quick demos, tests).")] = None,
+    examples_per_plant: Annotated[int | None, typer.Option(help="Cap each plant's demo data (quick demos, tests).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="Use this running MLflow server instead of starting one.")] = None,
     mlflow_port: Annotated[int | None, typer.Option(help="MLflow port (default: a free one).")] = None,
     superlink_port: Annotated[int | None, typer.Option(help="SuperLink port (default: a free one).")] = None,
     keep_mlflow: Annotated[bool, typer.Option(help="Keep MLflow running for browsing until Ctrl-C.")] = False,
@@ -64,8 +65,8 @@ def federate(
     try:
         settings = FederationSettings(
             app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=plants, run_overrides=overrides,  # type: ignore[arg-type]
-            images_per_plant=images_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
-            keep_mlflow=keep_mlflow, warm=warm,
+            examples_per_plant=examples_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
+            keep_mlflow=keep_mlflow, warm=warm, tracking_uri=tracking_uri,
         )
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, "options")) from None
@@ -85,7 +86,7 @@ def prepare_data(
     plants: Annotated[int, typer.Option(min=1, help="Number of plants.")] = 3,
     task: Annotated[str, typer.Option(help="Task whose public data set is split.")] = "defect",
     seed: Annotated[int, typer.Option(help="Split seed.")] = 42,
-    images_per_plant: Annotated[int | None, typer.Option(help="Subsample each plant.")] = None,
+    examples_per_plant: Annotated[int | None, typer.Option(help="Subsample each plant.")] = None,
 ) -> None:
     """Split a task's public data set into per-plant folders (a demo of plants' private data)."""
     from tasks import get_task, task_names
@@ -93,11 +94,27 @@ def prepare_data(
     if task not in task_names():
         raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(task_names())}")
     try:
-        dirs = get_task(task).prepare_plants(plants, out, seed, images_per_plant)
+        dirs = get_task(task).prepare_plants(plants, out, seed, examples_per_plant)
     except ValueError as exc:  # e.g. more plants than the data set has modules
         raise ConfigError(f"cannot split {task} data: {exc}") from None
     for d in dirs:
         console.print(str(d))
+
+
+@app.command("check-data")
+def check_data(
+    data_dir: Annotated[Path, typer.Option(help="The plant's data folder (its SuperNode's data-dir).")],
+    task: Annotated[str, typer.Option(help="Task the plant will train.")] = "defect",
+    seed: Annotated[int, typer.Option(help="Run seed (fixes the held-out split).")] = 42,
+) -> None:
+    """Plant side: validate the data and show what the plant would tell the anchor (schema and statistics, no rows)."""
+    from tasks import get_task, task_names
+
+    if task not in task_names():
+        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(task_names())}")
+    profile = get_task(task).profile(data_dir, seed)
+    console.print(profile.model_dump_json(by_alias=True, indent=2))
+    console.print(f"[green]ok[/green]: {profile.examples} training examples for task {task} in {data_dir}")
 
 
 def main() -> None:

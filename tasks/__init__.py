@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, str] = {
     "defect": "tasks.defect:TASK",
+    "process": "tasks.process.task:TASK",
+    "table": "tasks.table:TASK",
+    "images": "tasks.images:TASK",
 }
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fl_client.config import PlantConfig
 from fl_server.config import RunConfig
+from fl_server.tracking import check_reachable
 from maxfl.atomic import atomic_write_text
 from maxfl.errors import ConfigError, DataError, ProcessError
 from maxfl.local.processes import Managed, ProcessGroup, free_port, port_is_free, strip_ansi
@@ -44,10 +45,12 @@ class FederationSettings(BaseModel):
     mode: Literal["deployment", "simulation"] = "deployment"
     plants: int = Field(3, ge=1, le=32)
     run_overrides: dict[str, Any] = Field(default_factory=dict)
-    images_per_plant: int | None = Field(None, ge=20)
+    examples_per_plant: int | None = Field(None, ge=20)
     mlflow_port: int | None = Field(None, ge=1, le=65535)
     superlink_port: int | None = Field(None, ge=1, le=65535)
     keep_mlflow: bool = False
+    # An MLflow server that is already running (the anchor's own); none: start one under workdir.
+    tracking_uri: str | None = None
     warm: bool = True
 
 
@@ -91,10 +94,10 @@ class LocalFederation:
     def prepare_data(self, task_name: str, seed: int) -> list[PlantConfig]:
         root = self.work / "plants"
         marker = root / "split.json"
-        wanted = {"task": task_name, "plants": self.s.plants, "seed": seed, "images-per-plant": self.s.images_per_plant}
+        wanted = {"task": task_name, "plants": self.s.plants, "seed": seed, "examples-per-plant": self.s.examples_per_plant}
         if not (marker.is_file() and json.loads(marker.read_text()) == wanted):
             self.echo(f"preparing {task_name} data for {self.s.plants} plants under {root}")
-            get_task(task_name).prepare_plants(self.s.plants, root, seed, self.s.images_per_plant)
+            get_task(task_name).prepare_plants(self.s.plants, root, seed, self.s.examples_per_plant)
             atomic_write_text(marker, json.dumps(wanted))
         plants = [PlantConfig(plant_id=f"plant-{k}", data_dir=root / f"plant-{k}") for k in range(1, self.s.plants + 1)]
         for plant in plants:
@@ -102,7 +105,7 @@ class LocalFederation:
                 raise DataError(f"{plant.plant_id}: data location {plant.data_dir} is missing or empty; delete {marker} to re-create it")
         return plants
 
-    def _port(self, wanted: int | None = None, what: str = "", flag: str = "") -> int:
+    def reserve_port(self, wanted: int | None = None, what: str = "", flag: str = "") -> int:
         """A port for one of our servers; distinct from the ones already handed out in this launch."""
         if wanted is not None:
             if wanted in self._ports or not port_is_free(wanted):
@@ -145,7 +148,7 @@ class LocalFederation:
     def start_plants(self, superlink: str, plants: list[PlantConfig]) -> None:
         for plant in plants:
             home = plant.data_dir.parent.parent / "nodes" / plant.plant_id
-            runtime_port = self._port()
+            runtime_port = self.reserve_port()
             supernode = "maxfl-supernode" if self.s.warm else "flower-supernode"
             argv = [str(self.bin / supernode), "--insecure", "--superlink", superlink,
                     "--node-config", plant.as_node_config(), "--port", str(runtime_port), "--max-wait-time", "60"]
@@ -221,11 +224,18 @@ class LocalFederation:
     def run(self) -> FederationResult:
         cfg = app_run_config(self.s.app_dir, self.s.run_overrides)
         resolve_model(get_task(cfg.task), TaskOptions(model=cfg.model, image_size=cfg.image_size))  # fail before any process starts
-        mlflow_port = self._port(self.s.mlflow_port, "MLflow", "--mlflow-port")
-        superlink_port = self._port(self.s.superlink_port, "the SuperLink", "--superlink-port")
+        if self.s.tracking_uri and self.s.keep_mlflow:
+            raise ConfigError("--keep-mlflow keeps the MLflow server this command starts; with --tracking-uri yours stays up anyway")
+        mlflow_port = None if self.s.tracking_uri else self.reserve_port(self.s.mlflow_port, "MLflow", "--mlflow-port")
+        superlink_port = self.reserve_port(self.s.superlink_port, "the SuperLink", "--superlink-port")
         plants = self.prepare_data(cfg.task, cfg.seed)
         try:
-            tracking_uri = self.start_mlflow(mlflow_port)
+            if self.s.tracking_uri:
+                tracking_uri = self.s.tracking_uri.rstrip("/")
+                check_reachable(tracking_uri)
+            else:
+                assert mlflow_port is not None
+                tracking_uri = self.start_mlflow(mlflow_port)
             self.echo(f"MLflow tracking server: {tracking_uri}")
             superlink = self.start_superlink(superlink_port)
             self.echo(f"SuperLink ({self.s.mode}): {superlink}")

@@ -68,8 +68,8 @@ class DefectTask:
     def prepare_plants(self, n_plants: int, root: Path, seed: int, limit: int | None = None) -> list[Path]:
         return write_plant_shards(root, n_plants, seed, limit)
 
-    def train(self, model: nn.Module, data: PlantData, settings: TrainSettings) -> dict[str, float]:
-        return train_classifier(model, data, settings, len(CLASSES), augment=flip_augment)
+    def train(self, model: nn.Module, data: PlantData, settings: TrainSettings, spec: TaskSpec) -> dict[str, float]:
+        return train_classifier(model, data, settings, spec.num_classes, augment=flip_augment)
 
     def evaluate(self, model: nn.Module, data: PlantData, spec: TaskSpec) -> dict[str, float]:
         return evaluate_classifier(model, data, spec.num_classes)

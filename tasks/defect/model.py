@@ -1,4 +1,4 @@
-"""A small CNN for 64x64 EL images; GroupNorm instead of BatchNorm so that Opacus can train it."""
+"""A small CNN for images (64x64 EL cells and bring-your-own folders); GroupNorm instead of BatchNorm so that Opacus can train it."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class DefectCNN(nn.Module):
-    def __init__(self, num_classes: int = 2, width: int = 16) -> None:
+    def __init__(self, num_classes: int = 2, width: int = 16, in_channels: int = 1) -> None:
         super().__init__()
-        self.features = nn.Sequential(_block(1, width), _block(width, 2 * width), _block(2 * width, 4 * width))
+        self.features = nn.Sequential(_block(in_channels, width), _block(width, 2 * width), _block(2 * width, 4 * width))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
 
     def forward(self, x):  # type: ignore[no-untyped-def]

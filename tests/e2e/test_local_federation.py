@@ -20,7 +20,7 @@ ROUNDS = 2
 
 def _federation(tmp_path, mode: str = "deployment") -> LocalFederation:
     settings = FederationSettings(
-        app_dir=find_app_dir(), workdir=tmp_path / "work", mode=mode, plants=2, images_per_plant=80,
+        app_dir=find_app_dir(), workdir=tmp_path / "work", mode=mode, plants=2, examples_per_plant=80,
         run_overrides={"num-server-rounds": ROUNDS},
     )
     return LocalFederation(settings, echo=print)
@@ -112,7 +112,7 @@ def test_ctrl_c_stops_every_process_the_command_started(tmp_path):
 
     workdir = tmp_path / "work"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "maxfl", "federate", "--plants", "2", "--rounds", "50", "--images-per-plant", "40",
+        [sys.executable, "-m", "maxfl", "federate", "--plants", "2", "--rounds", "50", "--examples-per-plant", "40",
          "--workdir", str(workdir)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -145,7 +145,7 @@ def test_keep_mlflow_serves_the_finished_run_until_ctrl_c(tmp_path):
 
     workdir = tmp_path / "work"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "maxfl", "federate", "--plants", "2", "--rounds", "1", "--images-per-plant", "40",
+        [sys.executable, "-m", "maxfl", "federate", "--plants", "2", "--rounds", "1", "--examples-per-plant", "40",
          "--workdir", str(workdir), "--keep-mlflow"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

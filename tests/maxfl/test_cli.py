@@ -57,7 +57,7 @@ def test_port_already_taken_is_one_line_and_nothing_is_started(tmp_path):
 
 
 def test_empty_data_location_is_reported_before_any_process_starts(tmp_path):
-    settings = FederationSettings(app_dir=find_app_dir(), workdir=tmp_path, plants=2, images_per_plant=20)
+    settings = FederationSettings(app_dir=find_app_dir(), workdir=tmp_path, plants=2, examples_per_plant=20)
     federation = LocalFederation(settings, echo=lambda _: None)
     plants = federation.prepare_data("defect", seed=42)
     for f in plants[1].data_dir.iterdir():

@@ -43,7 +43,7 @@ def test_one_round_of_local_training_changes_the_weights_and_reports_metrics(pla
     torch.manual_seed(0)
     model = task.build_model(SPEC)
     before = [p.detach().clone() for p in model.parameters()]
-    metrics = task.train(model, data, TrainSettings(epochs=1, batch_size=16, learning_rate=0.05, seed=1))
+    metrics = task.train(model, data, TrainSettings(epochs=1, batch_size=16, learning_rate=0.05, seed=1), SPEC)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["train_accuracy"] <= 1
     result = task.evaluate(model, data, SPEC)

@@ -1,0 +1,154 @@
+"""images: classify a plant's images, given as one sub-folder per class (the class is the folder's name).
+
+The plant's manifest.toml fixes the mode and size every image must have; plants report their class counts,
+the anchor takes the union of classes, and every image is resized to the run's image size and standardised
+on its own (per image and channel, like the defect task), so no pixel statistics need to be pooled.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from maxfl.errors import DataError
+from tasks.base import DataProfile, PlantData, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
+from tasks.classification import evaluate_classifier, train_classifier
+from tasks.defect import flip_augment
+from tasks.defect.data import preprocess
+from tasks.defect.split import holdout_split
+from tasks.images.cache import cached
+from tasks.images.demo import write_image_plants
+from tasks.images.folder import read_folder
+from tasks.defect.model import DefectCNN
+from tasks.manifest import MANIFEST_FILE, Manifest, fingerprint, load_manifest
+
+__all__ = ["TASK", "ImagesProfile", "ImagesSpec", "ImagesTask", "standardise"]
+
+CHANNELS = {"L": 1, "RGB": 3}
+
+
+class ImagesProfile(DataProfile):
+    image_mode: Literal["L", "RGB"]
+    class_counts: dict[str, int] = Field(default_factory=dict)  # training split only
+
+
+class ImagesSpec(TaskSpec):
+    classes: tuple[str, ...]
+    channels: int = Field(ge=1)
+    image_size: int = Field(ge=8)
+
+
+def standardise(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """(N, H, W[, C]) uint8 -> (N, C, size, size) float32 via the defect task's preprocessing, channel by channel."""
+    if pixels.ndim == 3:
+        return preprocess(pixels, size)
+    n, h, w, c = pixels.shape
+    planes = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)).reshape(n * c, h, w)
+    return preprocess(planes, size).reshape(n, c, size, size)
+
+
+def _train_mask(labels: np.ndarray, manifest: Manifest, seed: int) -> np.ndarray:
+    """Stratified by class and fixed by seed: profile and training see the same split."""
+    train_idx, _ = holdout_split(labels.astype(str), manifest.test_fraction, seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[train_idx] = True
+    return mask
+
+
+class ImagesTask:
+    name = "images"
+    models = ("cnn",)
+    profile_type = ImagesProfile
+    spec_type = ImagesSpec
+
+    def profile(self, data_dir: Path, seed: int) -> ImagesProfile:
+        manifest = load_manifest(data_dir, kind="images")
+        assert manifest.image_mode is not None and manifest.image_size is not None
+        _, labels = read_folder(data_dir, manifest)  # decodes every image: the profile vouches for the data
+        train = _train_mask(labels, manifest, seed)
+        width, height = manifest.image_size
+        return ImagesProfile(
+            task=self.name,
+            fingerprint=fingerprint(manifest, data_dir),
+            examples=int(train.sum()),
+            schema={"image-mode": manifest.image_mode, "image-size": f"{width}x{height}"},
+            image_mode=manifest.image_mode,
+            class_counts=dict(sorted(Counter(labels[train].tolist()).items())),
+        )
+
+    def make_spec(self, profiles: Mapping[str, DataProfile], options: TaskOptions) -> ImagesSpec:
+        check_schemas(profiles, self.name)
+        if not profiles:
+            raise DataError("no plant reported a profile; the federation needs at least one plant with data")
+        typed = [p for p in profiles.values() if isinstance(p, ImagesProfile)]
+        assert len(typed) == len(profiles), "profiles arrive as the task's profile_type"
+        classes = tuple(sorted({c for p in typed for c, n in p.class_counts.items() if n > 0}))
+        if len(classes) < 2:
+            raise DataError(
+                f"the plants' images form {len(classes)} class folder(s) ({', '.join(classes)}); a classifier needs at least two"
+            )
+        return ImagesSpec(
+            task=self.name,
+            model=resolve_model(self, options),
+            num_classes=len(classes),
+            classes=classes,
+            channels=CHANNELS[typed[0].image_mode],
+            image_size=options.image_size,
+        )
+
+    def build_model(self, spec: TaskSpec) -> nn.Module:
+        assert isinstance(spec, ImagesSpec)
+        return DefectCNN(num_classes=spec.num_classes, in_channels=spec.channels)
+
+    def input_example(self, spec: TaskSpec) -> np.ndarray:
+        assert isinstance(spec, ImagesSpec)
+        return np.zeros((2, spec.channels, spec.image_size, spec.image_size), dtype=np.float32)
+
+    def load_plant_data(self, data_dir: Path, seed: int, spec: TaskSpec) -> PlantData:
+        assert isinstance(spec, ImagesSpec)
+        manifest = load_manifest(data_dir, kind="images")
+        assert manifest.image_mode is not None
+        if CHANNELS[manifest.image_mode] != spec.channels:
+            raise DataError(
+                f"{data_dir}/{MANIFEST_FILE} says image-mode {manifest.image_mode}, the federation's spec has {spec.channels} "
+                f"channel(s); restore the manifest or profile the plants again"
+            )
+        fp = fingerprint(manifest, data_dir)
+
+        def build() -> dict[str, object]:
+            pixels, labels = read_folder(data_dir, manifest)
+            return {"x": standardise(pixels, spec.image_size), "labels": labels.tolist()}
+
+        tensors = cached(data_dir, fp, spec.image_size, build)
+        x, labels = tensors["x"], np.array(tensors["labels"], dtype=object)
+        assert isinstance(x, torch.Tensor)
+        index = {c: i for i, c in enumerate(spec.classes)}
+        unknown = sorted(set(labels.tolist()) - index.keys())
+        if unknown:
+            folder = manifest.data_path(data_dir) / unknown[0]
+            raise DataError(
+                f"class folder {folder} is not one of the federation's classes ({', '.join(spec.classes)}); "
+                f"rename or remove it, or profile the plants again so that the spec includes it"
+            )
+        y = torch.tensor([index[c] for c in labels], dtype=torch.int64)
+        train = torch.from_numpy(_train_mask(labels, manifest, seed))
+        return PlantData(x[train], y[train], x[~train], y[~train], fingerprint=fp)
+
+    def prepare_plants(self, n_plants: int, root: Path, seed: int, limit: int | None = None) -> list[Path]:
+        return write_image_plants(root, n_plants, seed, limit)
+
+    def train(self, model: nn.Module, data: PlantData, settings: TrainSettings, spec: TaskSpec) -> dict[str, float]:
+        return train_classifier(model, data, settings, spec.num_classes, augment=flip_augment)
+
+    def evaluate(self, model: nn.Module, data: PlantData, spec: TaskSpec) -> dict[str, float]:
+        return evaluate_classifier(model, data, spec.num_classes)
+
+
+TASK = ImagesTask()

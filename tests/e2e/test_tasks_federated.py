@@ -1,0 +1,51 @@
+"""Every registered task trains for two rounds on Flower's simulation engine; schemas are checked first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from maxfl.errors import ProcessError
+from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from tasks import task_names
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 2
+
+
+def _federation(tmp_path, task: str, mode: str = "simulation") -> LocalFederation:
+    settings = FederationSettings(
+        app_dir=find_app_dir(), workdir=tmp_path / "work", mode=mode, plants=2, examples_per_plant=80,
+        run_overrides={"num-server-rounds": ROUNDS, "task": task},
+    )
+    return LocalFederation(settings, echo=print)
+
+
+@pytest.mark.parametrize("task", [t for t in task_names() if t != "defect"])  # defect: test_local_federation.py
+def test_two_round_simulation_per_task(tmp_path, task):
+    result = _federation(tmp_path, task).run()
+    assert result.status == "finished:completed"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow' / 'mlflow.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["task"] == task and run.data.tags["maxfl.plants"] == "plant-1,plant-2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == list(range(1, ROUNDS + 1))
+    spec = json.loads(next((tmp_path / "work" / "mlflow" / "artifacts").rglob("task-spec.json")).read_text())
+    assert spec["task"] == task
+    assert {f"maxfl.data.plant-{k}" for k in (1, 2)} <= set(run.data.tags)
+
+
+def test_plants_whose_schemas_disagree_are_named_before_anyone_trains(tmp_path):
+    federation = _federation(tmp_path, "table", mode="deployment")
+    plants = federation.prepare_data("table", seed=42)
+    manifest = plants[1].data_dir / "manifest.toml"
+    manifest.write_text(manifest.read_text().replace('temperature = "numeric"', 'temperature = "categorical"'))
+    with pytest.raises(ProcessError) as exc:
+        federation.run()
+    message = str(exc.value)
+    assert "disagree on the data schema" in message and "plant-2: column:temperature is 'categorical'" in message
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("maxfl").experiment_id])
+    assert run.info.status == "FAILED" and "train_loss" not in run.data.metrics

@@ -1,0 +1,105 @@
+"""The process task on small real Tennessee Eastman recordings (simulated once, then cached)."""
+
+import numpy as np
+import pytest
+import torch
+
+from maxfl.errors import DataError
+from tasks import get_task
+from tasks.base import DataProfile, SchemaMismatch, TaskOptions, TrainSettings
+from tasks.process.simulate import ProcessSplit
+from tasks.process.task import DETECTABLE_FAULTS, RECORDING_FILE, ProcessSpec, detection_metrics, fault_mix
+from tasks.process.windows import normal_statistics, windows
+
+
+@pytest.fixture(scope="module")
+def plant_dirs(tmp_path_factory):
+    return get_task("process").prepare_plants(2, tmp_path_factory.mktemp("plants"), seed=42, limit=120)
+
+
+@pytest.fixture(scope="module")
+def spec(plant_dirs):
+    task = get_task("process")
+    return task.make_spec({f"plant-{k}": task.profile(d, 42) for k, d in enumerate(plant_dirs, start=1)}, TaskOptions())
+
+
+def test_windows_never_cross_runs_and_take_the_label_of_their_last_sample():
+    x = np.arange(10, dtype=np.float32)[:, None].repeat(2, axis=1)
+    split = ProcessSplit(x=x, label=np.array([0, 0, 0, 0, 0, 0, 0, 7, 7, 7]), run=np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], dtype=np.int32))
+    w, labels = windows(split, mean=np.zeros(2), std=np.ones(2), length=3)
+    assert w.shape == (2 + 4, 2, 3)
+    firsts = w[:, 0, 0].tolist()
+    assert firsts == [0, 1, 4, 5, 6, 7]  # no window starts at 2 or 3: it would span runs 0 and 1
+    assert labels.tolist() == [0, 0, 0, 7, 7, 7]
+
+
+def test_normalisation_uses_only_fault_free_samples():
+    x = np.array([[1.0], [3.0], [100.0]], dtype=np.float32)
+    split = ProcessSplit(x=x, label=np.array([0, 0, 5]), run=np.zeros(3, dtype=np.int32))
+    mean, std = normal_statistics(split)
+    assert mean.tolist() == [2.0] and std.tolist() == [1.0]
+
+
+def test_detection_metrics_count_alarms_on_normal_windows_as_false():
+    spec = ProcessSpec(task="process", model="cnn1d", num_classes=3, classes=(0, 1, 6))
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 0, 2, 1, 0, 1, 2])
+    m = detection_metrics(pred, y, spec)
+    assert m["eval_false_alarm_rate"] == 0.25
+    assert m["eval_detection_rate"] == 0.75  # 3 of 4 faulty windows raise some alarm
+    assert m["eval_fault_accuracy"] == 0.5  # 2 of 4 name the right fault
+    assert m["eval_detection_idv01"] == 0.5 and m["eval_detection_idv06"] == 1.0
+
+
+def test_every_detectable_fault_is_seen_by_at_least_two_of_three_plants():
+    mixes = [set(fault_mix(k, 3)) for k in range(3)]
+    for fault in DETECTABLE_FAULTS:
+        assert sum(fault in mix for mix in mixes) == 2
+    assert all(mixes[0] != m for m in mixes[1:])  # plants are non-IID
+
+
+def test_plants_profile_and_agree_on_a_spec_with_the_union_of_their_faults(plant_dirs, spec):
+    assert spec.classes[0] == 0 and len(spec.classes) >= 3
+    task = get_task("process")
+    profile = task.profile(plant_dirs[0], 42)
+    assert profile.mode != task.profile(plant_dirs[1], 42).mode  # each plant its own operating mode
+    assert len([k for k in profile.schema_ if k.startswith("var:")]) == 53
+
+
+def test_plant_data_are_normalised_windows_and_a_model_learns_them(plant_dirs, spec):
+    task = get_task("process")
+    data = task.load_plant_data(plant_dirs[0], 42, spec)
+    assert data.x_train.shape[1:] == (53, 20) and data.x_train.dtype == torch.float32
+    normal = data.x_train[data.y_train == 0]
+    assert abs(normal[:, :, -1].mean().item()) < 0.5  # normal operation is centred by the plant's own statistics
+    torch.manual_seed(0)
+    model = task.build_model(spec)
+    before = task.evaluate(model, data, spec)["eval_loss"]
+    for r in range(3):
+        task.train(model, data, TrainSettings(epochs=1, batch_size=32, learning_rate=0.05, seed=r), spec)
+    after = task.evaluate(model, data, spec)
+    assert after["eval_loss"] < before
+    assert {"eval_detection_rate", "eval_false_alarm_rate", "eval_fault_accuracy", "eval_macro_f1"} <= set(after)
+
+
+def test_a_fault_the_federation_does_not_know_is_a_data_error_naming_it(plant_dirs, spec):
+    narrow = spec.model_copy(update={"classes": spec.classes[:2], "num_classes": 2})
+    with pytest.raises(DataError, match=r"IDV \[\d+"):
+        get_task("process").load_plant_data(plant_dirs[0], 42, narrow)
+
+
+def test_a_plant_with_different_variables_is_named(plant_dirs):
+    task = get_task("process")
+    good = task.profile(plant_dirs[0], 42)
+    odd_schema = {k: v for k, v in good.schema_.items() if k != "var:reactor_pressure"} | {"var:extra_sensor": "numeric"}
+    odd = DataProfile(task="process", fingerprint="x", examples=1, schema=odd_schema)
+    with pytest.raises(SchemaMismatch) as err:
+        task.make_spec({"plant-1": good, "plant-2": good, "plant-3": odd}, TaskOptions())
+    assert list(err.value.problems) == ["plant-3"]
+    assert "var:reactor_pressure is missing" in str(err.value)
+
+
+def test_a_corrupt_recording_is_a_data_error(tmp_path):
+    (tmp_path / RECORDING_FILE).write_bytes(b"garbage")
+    with pytest.raises(DataError, match="not a process recording"):
+        get_task("process").profile(tmp_path, 0)
