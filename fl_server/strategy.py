@@ -51,6 +51,19 @@ def failure_reason(msg: Message) -> str:
     return reason if reason.startswith(("plant", "node-")) else f"{plant_of(msg)}: {reason}"
 
 
+def keep_common_metrics(replies: list[Message]) -> list[Message]:
+    """Reduce every reply's metrics to the keys all replies share, in place.
+
+    Some metrics exist only where the data allows them (recall of a class, detection of a fault a plant has
+    seen); they are logged per plant, and Flower's averaging, which needs identical keys, gets the rest.
+    """
+    if replies:
+        common = set.intersection(*(set(m.content[METRICS].keys()) for m in replies))
+        for msg in replies:
+            msg.content[METRICS] = MetricRecord({k: v for k, v in msg.content[METRICS].items() if k in common})
+    return replies
+
+
 class TrackedStrategy(Strategy):
     """Wraps a strategy: per-round and per-plant metrics to MLflow (step = round) and a progress line.
 
@@ -84,14 +97,14 @@ class TrackedStrategy(Strategy):
         if len(ok) < self.min_plants:
             reasons = "; ".join(failure_reason(m) for m in replies if m.has_error()) or "no replies"
             raise RunAborted(f"round {server_round}: {len(ok)} plant(s) returned an update, {self.min_plants} needed ({reasons})")
-        arrays, metrics = self.inner.aggregate_train(server_round, ok)
+        arrays, metrics = self.inner.aggregate_train(server_round, keep_common_metrics(ok))
         self._log_aggregate(server_round, metrics)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         self._record("eval", server_round, replies)
-        metrics = self.inner.aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
+        metrics = self.inner.aggregate_evaluate(server_round, keep_common_metrics([m for m in replies if not m.has_error()]))
         self._log_aggregate(server_round, metrics)
         # The round's overhead: all of its wall time that the slowest plant did not spend training.
         wall = time.perf_counter() - self._round_started

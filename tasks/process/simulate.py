@@ -32,7 +32,7 @@ from maxfl.errors import DataError, describe_validation_error
 
 # Bump whenever the generated numbers change for the same spec (simulation, seeding, layout):
 # it is part of the fingerprint, so stale caches are never served.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 CONTROL_INTERVAL_H = 0.0005  # the controller's and the kernel's design step
 N_MEASUREMENTS = 41

@@ -41,11 +41,11 @@ def test_plants_whose_schemas_disagree_are_named_before_anyone_trains(tmp_path):
     federation = _federation(tmp_path, "table", mode="deployment")
     plants = federation.prepare_data("table", seed=42)
     manifest = plants[1].data_dir / "manifest.toml"
-    manifest.write_text(manifest.read_text().replace('temperature = "numeric"', 'temperature = "categorical"'))
+    manifest.write_text(manifest.read_text().replace('temperature_c = "numeric"', 'temperature_c = "categorical"'))
     with pytest.raises(ProcessError) as exc:
         federation.run()
     message = str(exc.value)
-    assert "disagree on the data schema" in message and "plant-2: column:temperature is 'categorical'" in message
+    assert "disagree on the data schema" in message and "plant-2: column:temperature_c is 'categorical'" in message
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("maxfl").experiment_id])
     assert run.info.status == "FAILED" and "train_loss" not in run.data.metrics

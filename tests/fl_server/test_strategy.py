@@ -95,3 +95,13 @@ def test_round_wall_and_overhead_are_logged_once_the_round_is_evaluated():
     strategy.aggregate_train(4, [_reply(11, "plant-1", 1.0, 10, 0.5), _reply(12, "plant-2", 4.0, 30, 0.9)])
     strategy.aggregate_evaluate(4, [])
     assert tracker.metrics[("round_overhead_s", 4)] == pytest.approx(tracker.metrics[("round_wall_s", 4)] - 0.5)
+
+
+def test_metrics_only_some_plants_report_are_logged_per_plant_and_left_out_of_the_average():
+    strategy, tracker = _strategy()
+    a, b = _reply(11, "plant-1", 1.0, 10, 0.5), _reply(12, "plant-2", 3.0, 10, 0.7)
+    a.content["metrics"]["eval_detection_idv06"] = 0.9
+    strategy.aggregate_train(1, [a, b])
+    assert tracker.metrics[("plant-1/eval_detection_idv06", 1)] == 0.9
+    assert ("eval_detection_idv06", 1) not in tracker.metrics
+    assert tracker.metrics[("train_loss", 1)] == pytest.approx(0.6)
