@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 from maxfl.atomic import atomic_path, atomic_write_text
 from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
 from tasks import get_task
-from tasks.base import PlantData, Task, TaskOptions, TaskSpec, TrainSettings
+from tasks.base import PlantData, Task, TaskOptions, TaskSpec, TrainSettings, scheduled_learning_rate
 
 RESULTS = Path(__file__).parent / "results"
 # What each task's table shows; higher is better unless listed in LOWER_IS_BETTER.
@@ -58,7 +60,8 @@ def train_rounds(task: Task, spec: TaskSpec, data: PlantData, who: str, args: ar
     torch.manual_seed(args.seed)
     model = task.build_model(spec)
     for r in range(1, args.rounds + 1):
-        settings = TrainSettings(args.local_epochs, args.batch_size, args.learning_rate, round_seed(args.seed, who, r))
+        lr = scheduled_learning_rate(args.learning_rate, args.lr_schedule, r, args.rounds)
+        settings = TrainSettings(args.local_epochs, args.batch_size, lr, round_seed(args.seed, who, r))
         task.train(model, data, settings, spec)
     return model
 
@@ -74,7 +77,8 @@ def federated_model(task: Task, spec: TaskSpec, args: argparse.Namespace, work: 
 
     overrides = {
         "task": args.task, "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
-        "batch-size": args.batch_size, "learning-rate": args.learning_rate, "seed": args.seed,
+        "batch-size": args.batch_size, "learning-rate": args.learning_rate, "lr-schedule": args.lr_schedule,
+        "seed": args.seed,
         "min-plants": args.plants, "model": args.model,
     }
     settings = FederationSettings(app_dir=find_app_dir(), workdir=work, plants=args.plants,
@@ -102,6 +106,16 @@ def table(task_name: str, results: dict[str, dict[str, dict[str, float]]]) -> tu
     for row in rows:
         lines.append(f"| {row['data']} | " + " | ".join(f"{row[f'{arm}/{m}']:.3f}" for m in metrics for arm in arms) + " |")
     return "\n".join(lines), rows
+
+
+def per_fault_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Detection rate per fault on the pooled held-out recordings, per arm."""
+    arms = [a for a in results if a != "local"]  # local models have no pooled score of their own
+    faults = sorted({k for a in arms for k in results[a]["pooled"] if k.startswith("eval_detection_idv")})
+    lines = ["| fault | " + " | ".join(f"{a} detection" for a in arms) + " |", "|" + "---|" * (1 + len(arms))]
+    for k in faults:
+        lines.append(f"| IDV {int(k.removeprefix('eval_detection_idv'))} | " + " | ".join(f"{results[a]['pooled'][k]:.3f}" for a in arms) + " |")
+    return "\n".join(lines)
 
 
 def plot(task_name: str, results: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
@@ -156,12 +170,14 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=0.05)
+    parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--examples-per-plant", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=Path(".maxfl-bench"))
     args = parser.parse_args()
 
     work = (args.workdir / f"baselines-{args.task}").resolve()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the cleanup below
     # One LocalFederation prepares the plants' data and keeps an MLflow server up for all arms.
     anchor = LocalFederation(FederationSettings(app_dir=find_app_dir(), workdir=work, plants=args.plants,
                                                 examples_per_plant=args.examples_per_plant))
@@ -201,6 +217,8 @@ def run(args: argparse.Namespace, anchor: LocalFederation, work: Path) -> None:
     timings["federated_s"] = time.perf_counter() - started
 
     text, rows = table(args.task, results)
+    if args.task == "process":
+        text += "\n\n" + per_fault_table(results)
     checks = targets(args.task, results)
     print(text)
     for what, value, met in checks:

@@ -15,7 +15,7 @@ from maxfl.errors import ConfigError
 from maxfl.messages import ARRAYS, CONFIG, METRICS, PLANT, PROFILE, WEIGHT_KEY, DataQuery, RoundInstructions
 from maxfl.weights import pack, unpack_into
 from tasks import get_task
-from tasks.base import PlantData, Task, TaskSpec, TrainSettings
+from tasks.base import PlantData, Task, TaskSpec, TrainSettings, scheduled_learning_rate
 
 app = ClientApp(mods=[plant_declines_mod])
 
@@ -57,7 +57,9 @@ def train(msg: Message, context: Context) -> Message:
     settings = TrainSettings(
         epochs=instructions.local_epochs,
         batch_size=instructions.batch_size,
-        learning_rate=instructions.learning_rate,
+        learning_rate=scheduled_learning_rate(
+            instructions.learning_rate, instructions.lr_schedule, instructions.server_round, instructions.num_server_rounds
+        ),
         # Different plants and rounds draw different batches and augmentations, reproducibly.
         seed=zlib.crc32(f"{instructions.seed}/{plant.plant_id}/{instructions.server_round}".encode()),
     )

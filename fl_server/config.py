@@ -29,6 +29,8 @@ class RunConfig(FlowerSettings, extra="forbid"):
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65_536)
     learning_rate: float = Field(0.05, gt=0.0, le=10.0)
+    # cosine: decays the plants' learning rate over the rounds (see tasks.base.scheduled_learning_rate)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     seed: int = 42
     round_timeout_s: float = Field(900.0, gt=0.0)
     # How often the ServerApp asks the SuperLink for replies (Flower's own grid waits 3 s).

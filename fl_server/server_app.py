@@ -51,6 +51,8 @@ def main(grid: Grid, context: Context) -> None:
                 "local-epochs": cfg.local_epochs,
                 "batch-size": cfg.batch_size,
                 "learning-rate": cfg.learning_rate,
+                "lr-schedule": cfg.lr_schedule,
+                "num-server-rounds": cfg.num_server_rounds,
                 "seed": cfg.seed,
             }
         )

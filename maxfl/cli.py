@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -16,6 +16,9 @@ from rich.console import Console
 from pydantic import ValidationError
 
 from maxfl.errors import ConfigError, UserError, describe_validation_error
+
+if TYPE_CHECKING:
+    from tasks.base import Task
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning across manufacturing supply chains.")
 console = Console(highlight=False, soft_wrap=True)
@@ -80,6 +83,14 @@ def federate(
         atomic_write_text(json_out, json.dumps(result.__dict__, indent=2))
 
 
+def _task(name: str) -> Task:
+    from tasks import get_task, task_names
+
+    if name not in task_names():
+        raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(task_names())}")
+    return get_task(name)
+
+
 @app.command("prepare-data")
 def prepare_data(
     out: Annotated[Path, typer.Option(help="Folder that receives plant-1, plant-2, ...")],
@@ -89,12 +100,8 @@ def prepare_data(
     examples_per_plant: Annotated[int | None, typer.Option(help="Subsample each plant.")] = None,
 ) -> None:
     """Split a task's public data set into per-plant folders (a demo of plants' private data)."""
-    from tasks import get_task, task_names
-
-    if task not in task_names():
-        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(task_names())}")
     try:
-        dirs = get_task(task).prepare_plants(plants, out, seed, examples_per_plant)
+        dirs = _task(task).prepare_plants(plants, out, seed, examples_per_plant)
     except ValueError as exc:  # e.g. more plants than the data set has modules
         raise ConfigError(f"cannot split {task} data: {exc}") from None
     for d in dirs:
@@ -108,11 +115,7 @@ def check_data(
     seed: Annotated[int, typer.Option(help="Run seed (fixes the held-out split).")] = 42,
 ) -> None:
     """Plant side: validate the data and show what the plant would tell the anchor (schema and statistics, no rows)."""
-    from tasks import get_task, task_names
-
-    if task not in task_names():
-        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(task_names())}")
-    profile = get_task(task).profile(data_dir, seed)
+    profile = _task(task).profile(data_dir, seed)
     console.print(profile.model_dump_json(by_alias=True, indent=2))
     console.print(f"[green]ok[/green]: {profile.examples} training examples for task {task} in {data_dir}")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -35,3 +35,5 @@ class RoundInstructions(DataQuery):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.05, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    num_server_rounds: int = Field(1, ge=1)

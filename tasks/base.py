@@ -8,6 +8,7 @@ fl_client only move profiles, specs and weights.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,14 @@ class PlantData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     fingerprint: str  # SHA-256 of the plant's raw data, so runs and ledgers can name the data they used
+
+
+def scheduled_learning_rate(base: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """The round's learning rate. Cosine decay over the run's rounds: late rounds refine instead of jumping
+    around, so the final federated model is not a lucky or unlucky snapshot."""
+    if schedule == "cosine" and num_rounds > 1:
+        return base * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / num_rounds))
+    return base
 
 
 class TaskOptions(BaseModel):

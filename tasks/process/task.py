@@ -34,6 +34,7 @@ RECORDING_FILE = "process.npz"
 WINDOW = 20  # samples: one hour at 3-minute sampling
 DETECTABLE_FAULTS = (1, 2, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20)
 UNDETECTABLE_FAULTS = (3, 9, 15, 21)
+ALARM_BELOW = 0.2
 PLANT_MODES = ("mode1", "mode3", "mode4")  # settle without tripping; 2 and 5 need 50-65 h of warm-up
 
 
@@ -69,6 +70,10 @@ class ProcessSpec(TaskSpec):
     classes: tuple[int, ...]  # IDV numbers, 0 (normal) first; the model's output order
     window: int = WINDOW
     variables: int = N_VARIABLES
+    # Alarm when the model gives normal operation less than this probability. An alarm limit, as on any
+    # monitoring chart: lower trades detection for fewer false alarms. 0.2 was picked once, on a development
+    # recording (seed 42, plant 1, local model); the reported numbers use other recordings.
+    alarm_below: float = Field(ALARM_BELOW, gt=0.0, lt=1.0)
 
 
 def _recording(data_dir: Path):  # noqa: ANN202 - ProcessRecording
@@ -150,23 +155,25 @@ class ProcessTask:
         started = time.perf_counter()
         logits = predict_logits(model, data.x_test)
         metrics = classification_metrics(logits, data.y_test, spec.num_classes)
-        metrics.update(detection_metrics(logits.argmax(1), data.y_test, spec))
+        metrics.update(detection_metrics(logits.softmax(1), data.y_test, spec))
         metrics["eval_time_s"] = time.perf_counter() - started
         return metrics
 
 
-def detection_metrics(pred: torch.Tensor, y: torch.Tensor, spec: TaskSpec) -> dict[str, float]:
-    """Fault detection rate, false alarm rate and fault classification accuracy, plus detection per fault."""
+def detection_metrics(proba: torch.Tensor, y: torch.Tensor, spec: TaskSpec) -> dict[str, float]:
+    """Fault detection rate and false alarm rate at the spec's alarm limit, fault classification accuracy
+    (the most likely class is the right fault), and detection per fault."""
     assert isinstance(spec, ProcessSpec)
+    alarm = proba[:, 0] < spec.alarm_below
     faulty, normal = y != 0, y == 0
     metrics = {
-        "eval_detection_rate": (pred[faulty] != 0).float().mean().item() if faulty.any() else float("nan"),
-        "eval_false_alarm_rate": (pred[normal] != 0).float().mean().item() if normal.any() else float("nan"),
-        "eval_fault_accuracy": (pred[faulty] == y[faulty]).float().mean().item() if faulty.any() else float("nan"),
+        "eval_detection_rate": alarm[faulty].float().mean().item() if faulty.any() else float("nan"),
+        "eval_false_alarm_rate": alarm[normal].float().mean().item() if normal.any() else float("nan"),
+        "eval_fault_accuracy": (proba[faulty].argmax(1) == y[faulty]).float().mean().item() if faulty.any() else float("nan"),
     }
     for i, idv in enumerate(spec.classes[1:], start=1):
         if (y == i).any():
-            metrics[f"eval_detection_idv{idv:02d}"] = (pred[y == i] != 0).float().mean().item()
+            metrics[f"eval_detection_idv{idv:02d}"] = alarm[y == i].float().mean().item()
     return metrics
 
 

@@ -75,3 +75,24 @@ def test_unreachable_mlflow_fails_before_training_in_one_line():
     with pytest.raises(ConfigError) as exc:
         check_reachable(f"http://127.0.0.1:{free_port()}", timeout_s=2)
     assert "unreachable" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_check_data_shows_what_a_plant_would_send(tmp_path):
+    _maxfl("prepare-data", "--task", "table", "--plants", "1", "--out", str(tmp_path), "--examples-per-plant", "60")
+    result = _maxfl("check-data", "--task", "table", "--data-dir", str(tmp_path / "plant-1"))
+    assert result.returncode == 0, result.stderr
+    assert '"column:temperature_c": "numeric"' in result.stdout and "training examples for task table" in result.stdout
+
+
+def test_check_data_on_a_table_without_its_target_is_one_line_naming_file_and_column(tmp_path):
+    _maxfl("prepare-data", "--task", "table", "--plants", "1", "--out", str(tmp_path), "--examples-per-plant", "60")
+    csv = tmp_path / "plant-1" / "quality.csv"
+    header, *rows = csv.read_text().splitlines()
+    csv.write_text("\n".join([header.replace("defect", "label"), *rows]) + "\n")
+    _assert_one_line_error(_maxfl("check-data", "--task", "table", "--data-dir", str(tmp_path / "plant-1")), "quality.csv", "'defect'")
+
+
+def test_unknown_model_for_the_task_is_one_line_before_anything_starts(tmp_path):
+    result = _maxfl("federate", "--task", "table", "--set", "model=resnet", "--workdir", str(tmp_path))
+    _assert_one_line_error(result, "no model 'resnet'", "mlp", "linear")
+    assert not (tmp_path / "plants").exists()

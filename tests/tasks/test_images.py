@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,6 @@ from tasks.base import SchemaMismatch, TaskOptions, TrainSettings
 from tasks.classification import class_weights, predict_logits
 from tasks.images import TASK, ImagesSpec
 from tasks.manifest import MANIFEST_FILE
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small CNNs on two shared cores: a second intra-op thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def save_image(path: Path, mode: str = "L", size: tuple[int, int] = (16, 12), seed: int = 0) -> Path:

@@ -41,13 +41,16 @@ def test_normalisation_uses_only_fault_free_samples():
 
 
 def test_detection_metrics_count_alarms_on_normal_windows_as_false():
-    spec = ProcessSpec(task="process", model="cnn1d", num_classes=3, classes=(0, 1, 6))
+    spec = ProcessSpec(task="process", model="cnn1d", num_classes=3, classes=(0, 1, 6), alarm_below=0.2)
     y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
-    pred = torch.tensor([0, 0, 0, 2, 1, 0, 1, 2])
-    m = detection_metrics(pred, y, spec)
+    proba = torch.tensor([
+        [0.9, 0.05, 0.05], [0.4, 0.5, 0.1], [0.3, 0.0, 0.7], [0.1, 0.0, 0.9],  # normal: only the last alarms
+        [0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.1, 0.8, 0.1], [0.0, 0.0, 1.0],  # faults: one is missed
+    ])
+    m = detection_metrics(proba, y, spec)
     assert m["eval_false_alarm_rate"] == 0.25
-    assert m["eval_detection_rate"] == 0.75  # 3 of 4 faulty windows raise some alarm
-    assert m["eval_fault_accuracy"] == 0.5  # 2 of 4 name the right fault
+    assert m["eval_detection_rate"] == 0.75  # 3 of 4 faulty windows fall below the alarm limit
+    assert m["eval_fault_accuracy"] == 0.5  # 2 of 4 name the right fault (one argmax is a tie won by normal)
     assert m["eval_detection_idv01"] == 0.5 and m["eval_detection_idv06"] == 1.0
 
 

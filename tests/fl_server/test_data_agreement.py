@@ -1,0 +1,82 @@
+"""The pre-training data check, against a stand-in grid: declines, too few plants, schema disagreement."""
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app.error import Error
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_server.config import RunConfig
+from fl_server.data_agreement import agree_on_data
+from fl_server.strategy import RunAborted
+from tasks import get_task
+from tasks.defect import DefectProfile
+
+SCHEMA = {"image": "grey 64x64 (resized)", "label": "defect probability >= 0.5"}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+class StandInGrid:
+    """Answers each query message with the scripted reply of its node."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.sent = list(messages)
+        replies = []
+        for msg in self.sent:
+            TaskIdentity.node_id = msg.metadata.dst_node_id
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            answer = self.answers[msg.metadata.dst_node_id]
+            if answer is None:
+                continue  # the plant never answers
+            if isinstance(answer, str):
+                replies.append(Message(Error(code=0, reason=answer), reply_to=msg))
+            else:
+                plant, profile = answer
+                content = RecordDict({"config": ConfigRecord({"profile": profile.model_dump_json(by_alias=True)}),
+                                      "plant": ConfigRecord({"plant-id": plant})})
+                replies.append(Message(content=content, reply_to=msg))
+        return replies
+
+
+def _profile(schema=SCHEMA, task="defect"):
+    return DefectProfile(task=task, fingerprint="ab" * 32, examples=10, schema=schema, class_counts={"good": 7, "defective": 3})
+
+
+def test_every_connected_plant_is_asked_and_a_spec_is_agreed():
+    grid = StandInGrid({7: ("plant-1", _profile()), 9: ("plant-2", _profile())})
+    spec, profiles = agree_on_data(grid, RunConfig(min_plants=2), get_task("defect"))
+    assert sorted(m.metadata.dst_node_id for m in grid.sent) == [7, 9]
+    assert all(m.metadata.message_type == "query" for m in grid.sent)
+    assert set(profiles) == {"plant-1", "plant-2"} and spec.num_classes == 2
+
+
+def test_a_declining_plant_is_left_out_while_enough_remain():
+    grid = StandInGrid({1: ("plant-1", _profile()), 2: ("plant-2", _profile()), 3: "plant-3 declined: no manifest.toml"})
+    _, profiles = agree_on_data(grid, RunConfig(min_plants=2), get_task("defect"))
+    assert set(profiles) == {"plant-1", "plant-2"}
+
+
+def test_too_few_usable_plants_stops_the_run_with_every_reason():
+    grid = StandInGrid({1: ("plant-1", _profile()), 2: "plant-2 declined: quality.csv has no target column", 3: None})
+    with pytest.raises(RunAborted) as err:
+        agree_on_data(grid, RunConfig(min_plants=2, round_timeout_s=1), get_task("defect"))
+    message = str(err.value)
+    assert "1 plant(s) have usable data, 2 needed" in message
+    assert "plant-2 declined: quality.csv has no target column" in message and "1 plant(s) did not answer" in message
+
+
+def test_schema_disagreement_stops_the_run_naming_the_plant():
+    odd = dict(SCHEMA, image="RGB 128x128")
+    grid = StandInGrid({1: ("plant-1", _profile()), 2: ("plant-2", _profile(odd)), 3: ("plant-3", _profile())})
+    with pytest.raises(RunAborted, match=r"plant-2: image is 'RGB 128x128' \(plant-1, plant-3: 'grey 64x64"):
+        agree_on_data(grid, RunConfig(min_plants=2), get_task("defect"))
