@@ -29,6 +29,7 @@ from maxfl.atomic import atomic_path, atomic_write_text
 from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
 from tasks import get_task
 from tasks.base import PlantData, Task, TaskOptions, TaskSpec, TrainSettings, scheduled_learning_rate
+from tasks.classification import classification_metrics, predict_logits
 
 RESULTS = Path(__file__).parent / "results"
 # What each task's table shows; higher is better unless listed in LOWER_IS_BETTER.
@@ -89,6 +90,24 @@ def federated_model(task: Task, spec: TaskSpec, args: argparse.Namespace, work: 
     model = task.build_model(spec)
     model.load_state_dict(exported.state_dict())
     return model, result.mlflow_run_id
+
+
+def paired_bootstrap(model_a: torch.nn.Module, model_b: torch.nn.Module, data: PlantData, num_classes: int,
+                     seed: int, draws: int = 2000) -> tuple[float, float, float]:
+    """macro-F1 of a minus b on the test split, with a 95% interval from resampling the same test examples."""
+    logits_a, logits_b, y = predict_logits(model_a, data.x_test), predict_logits(model_b, data.x_test), data.y_test
+    gen = torch.Generator().manual_seed(seed)
+
+    def f1(logits: torch.Tensor, idx: torch.Tensor) -> float:
+        return classification_metrics(logits[idx], y[idx], num_classes)["eval_macro_f1"]
+
+    everything = torch.arange(len(y))
+    diffs = []
+    for _ in range(draws):
+        idx = torch.randint(len(y), (len(y),), generator=gen)
+        diffs.append(f1(logits_a, idx) - f1(logits_b, idx))
+    diffs.sort()
+    return f1(logits_a, everything) - f1(logits_b, everything), diffs[int(0.025 * draws)], diffs[int(0.975 * draws) - 1]
 
 
 def table(task_name: str, results: dict[str, dict[str, dict[str, float]]]) -> tuple[str, list[dict[str, Any]]]:
@@ -195,15 +214,17 @@ def run(args: argparse.Namespace, anchor: LocalFederation, work: Path) -> None:
     timings: dict[str, float] = {}
 
     results: dict[str, dict[str, dict[str, float]]] = {"local": {}}
+    local_models = {}
     started = time.perf_counter()
     for plant, data in datas.items():
-        results["local"][plant] = task.evaluate(train_rounds(task, spec, data, plant, args), data, spec)
+        local_models[plant] = train_rounds(task, spec, data, plant, args)
+        results["local"][plant] = task.evaluate(local_models[plant], data, spec)
     timings["local_s"] = time.perf_counter() - started
     # local models are scored on their own plant; "pooled" = examples-weighted mean of the plants' scores
     n_test = {p: len(d.y_test) for p, d in datas.items()}
+    common = set.intersection(*(set(results["local"][p]) for p in datas))  # e.g. recall of a class every plant has
     results["local"]["pooled"] = {
-        k: sum(results["local"][p][k] * n_test[p] for p in datas) / sum(n_test.values())
-        for k in results["local"][next(iter(datas))]
+        k: sum(results["local"][p][k] * n_test[p] for p in datas) / sum(n_test.values()) for k in sorted(common)
     }
 
     started = time.perf_counter()
@@ -216,6 +237,8 @@ def run(args: argparse.Namespace, anchor: LocalFederation, work: Path) -> None:
     results["federated"] = score(task, spec, fed_model, datas)
     timings["federated_s"] = time.perf_counter() - started
 
+    # Is federated vs local on a plant a real difference or test-set noise? Paired bootstrap over its test split.
+    gaps = {plant: paired_bootstrap(fed_model, local_models[plant], data, spec.num_classes, seed=args.seed) for plant, data in datas.items()}
     text, rows = table(args.task, results)
     if args.task == "process":
         text += "\n\n" + per_fault_table(results)
@@ -223,13 +246,16 @@ def run(args: argparse.Namespace, anchor: LocalFederation, work: Path) -> None:
     print(text)
     for what, value, met in checks:
         print(f"{'PASS' if met else 'FAIL'}  {what}: {value:.3f}")
+    for plant, (gap, low, high) in gaps.items():
+        print(f"{plant}: federated - local macro_f1 = {gap:+.3f}, 95% paired-bootstrap interval [{low:+.3f}, {high:+.3f}]")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / f"baselines-{args.task}.png"
     plot(args.task, results, png)
     report = {"task": args.task, "args": {k: str(v) for k, v in vars(args).items()}, "spec": spec.model_dump(mode="json"),
               "results": results, "rows": rows, "targets": [{"what": w, "value": v, "met": m} for w, v, m in checks],
-              "timings_s": timings, "federated_mlflow_run": fed_run_id}
+              "timings_s": timings, "federated_mlflow_run": fed_run_id,
+              "federated_minus_local_macro_f1": {p: {"gap": g, "ci95": [lo, hi]} for p, (g, lo, hi) in gaps.items()}}
     out = RESULTS / f"baselines-{args.task}.json"
     atomic_write_text(out, json.dumps(report, indent=2))
     log_to_mlflow(uri, args, results, text, png, out, fed_run_id)
