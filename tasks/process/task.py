@@ -1,10 +1,12 @@
 """process: detect and classify faults of a Tennessee Eastman plant from windows of its 53 variables.
 
 Each plant runs its own operating mode with its own noise and sees its own mix of faults; the shared
-model learns the union. Detection = the model says anything but normal. The classic near-undetectable
-faults (IDV 3, 9, 15, and 21 in this kernel) are left out of the demo mixes: their runs are
-indistinguishable from normal operation, so labelling them as faults only teaches the model to raise
-alarms on normal data.
+model learns the union. Faults whose effect is at noise level are left out of the demo mixes: labelling
+them as faults only teaches the model to raise alarms on normal data. Which ones was measured without any
+model: the share of post-onset samples where some variable leaves +-3 sd of the plant's normal run, on
+training recordings (mode 1; the same check flags 8-20% of a normal run, up to 29% in mode 4). IDV 3 (0.15),
+9 (0.27), 15 (0.10) and 21 (0.07) are the classic undetectables; IDV 5 (0.32) joins them in this kernel,
+whose controller compensates the condenser cooling-water step within a few hours.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from tasks.process.windows import normal_statistics, windows
 
 RECORDING_FILE = "process.npz"
 WINDOW = 20  # samples: one hour at 3-minute sampling
-DETECTABLE_FAULTS = (1, 2, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20)
-UNDETECTABLE_FAULTS = (3, 9, 15, 21)
+DETECTABLE_FAULTS = (1, 2, 4, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20)
+UNDETECTABLE_FAULTS = (3, 5, 9, 15, 21)
 ALARM_BELOW = 0.2
 PLANT_MODES = ("mode1", "mode3", "mode4")  # settle without tripping; 2 and 5 need 50-65 h of warm-up
 
