@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from fl_server.config import RunConfig
 from fl_server.strategy import RunAborted, failure_reason, plant_of
-from maxfl.errors import DataError
+from maxfl.errors import UserError
 from maxfl.messages import CONFIG, PROFILE, DataQuery
 from tasks.base import DataProfile, Task, TaskOptions, TaskSpec
 
@@ -63,7 +63,7 @@ def agree_on_data(grid: Grid, cfg: RunConfig, task: Task) -> tuple[TaskSpec, dic
     profiles = collect_profiles(grid, cfg, task)
     try:
         spec = task.make_spec(profiles, TaskOptions(model=cfg.model, image_size=cfg.image_size))
-    except DataError as exc:
+    except UserError as exc:  # schema mismatch, too few classes, a model the task does not have
         raise RunAborted(str(exc)) from None
     summary = ", ".join(f"{p} {prof.examples} examples" for p, prof in sorted(profiles.items()))
     log.info("data check: %d plant(s) agree on the %s schema (%s)", len(profiles), cfg.task, summary)
