@@ -87,13 +87,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> 
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Accuracy, macro-F1 over the classes present in `y` or predicted, per-class recall, AUROC.
-
-    AUROC: class 1 vs class 0 for two classes (defective vs good); the mean one-vs-rest AUROC otherwise.
-    """
-    pred = logits.argmax(1)
-    metrics = {"eval_loss": F.cross_entropy(logits, y).item(), "eval_accuracy": (pred == y).float().mean().item()}
+def macro_f1(pred: torch.Tensor, y: torch.Tensor, num_classes: int, recalls: dict[str, float] | None = None) -> float:
+    """Mean F1 over the classes present in `y` or predicted; fills `recalls` with each present class's recall."""
     f1s = []
     for c in range(num_classes):
         tp = ((pred == c) & (y == c)).sum().item()
@@ -104,9 +99,19 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: i
         recall = tp / (tp + fn) if tp + fn else 0.0
         precision = tp / (tp + fp) if tp + fp else 0.0
         f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-        if tp + fn:
-            metrics[f"eval_recall_class{c}"] = recall
-    metrics["eval_macro_f1"] = sum(f1s) / max(len(f1s), 1)
+        if recalls is not None and tp + fn:
+            recalls[f"eval_recall_class{c}"] = recall
+    return sum(f1s) / max(len(f1s), 1)
+
+
+def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy, macro-F1 over the classes present in `y` or predicted, per-class recall, AUROC.
+
+    AUROC: class 1 vs class 0 for two classes (defective vs good); the mean one-vs-rest AUROC otherwise.
+    """
+    pred = logits.argmax(1)
+    metrics = {"eval_loss": F.cross_entropy(logits, y).item(), "eval_accuracy": (pred == y).float().mean().item()}
+    metrics["eval_macro_f1"] = macro_f1(pred, y, num_classes, recalls=metrics)
     proba = logits.softmax(1)
     if num_classes == 2:
         metrics["eval_auroc"] = auroc(proba[:, 1], y == 1)

@@ -52,6 +52,8 @@ def test_detection_metrics_count_alarms_on_normal_windows_as_false():
     assert m["eval_detection_rate"] == 0.75  # 3 of 4 faulty windows fall below the alarm limit
     assert m["eval_fault_accuracy"] == 0.5  # 2 of 4 name the right fault (one argmax is a tie won by normal)
     assert m["eval_detection_idv01"] == 0.5 and m["eval_detection_idv06"] == 1.0
+    # at most 5% false alarms among 4 normal windows means none: the limit drops below every normal P(normal)
+    assert m["eval_detection_at_5pct_false_alarms"] == 0.5  # 0.0, 0.0 < 0.1 alarm; 0.5 and 0.1 do not
 
 
 def test_every_detectable_fault_is_seen_by_at_least_two_of_three_plants():
