@@ -79,10 +79,6 @@ class ProcessSpec(TaskSpec):
     alarm_below: float = Field(ALARM_BELOW, gt=0.0, lt=1.0)
 
 
-def _recording(data_dir: Path):  # noqa: ANN202 - ProcessRecording
-    return load_recording(data_dir / RECORDING_FILE)
-
-
 class ProcessTask:
     name = "process"
     models = ("cnn1d", "mlp")
@@ -90,7 +86,7 @@ class ProcessTask:
     spec_type = ProcessSpec
 
     def profile(self, data_dir: Path, seed: int) -> ProcessProfile:
-        rec = _recording(data_dir)
+        rec = load_recording(data_dir / RECORDING_FILE)
         mean, std = normal_statistics(rec.train)
         _, labels = windows(rec.train, mean, std, WINDOW)
         values, counts = np.unique(labels, return_counts=True)
