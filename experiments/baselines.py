@@ -19,7 +19,6 @@ import json
 import signal
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from maxfl.atomic import atomic_path, atomic_write_text
 from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
 from tasks import get_task
-from tasks.base import PlantData, Task, TaskOptions, TaskSpec, TrainSettings, scheduled_learning_rate
+from tasks.base import PlantData, Task, TaskOptions, TaskSpec, TrainSettings
 from tasks.classification import macro_f1, predict_logits
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,11 +39,6 @@ HEADLINE = {
     "images": ["eval_macro_f1", "eval_auroc", "eval_accuracy"],
 }
 LOWER_IS_BETTER = {"eval_false_alarm_rate", "eval_rmse", "eval_mae", "eval_loss"}
-
-
-def round_seed(seed: int, plant: str, server_round: int) -> int:
-    """The ClientApp's per-round seed, so local and centralized arms draw batches the same way."""
-    return zlib.crc32(f"{seed}/{plant}/{server_round}".encode())
 
 
 def pooled(datas: list[PlantData]) -> PlantData:
@@ -61,8 +55,9 @@ def train_rounds(task: Task, spec: TaskSpec, data: PlantData, who: str, args: ar
     torch.manual_seed(args.seed)
     model = task.build_model(spec)
     for r in range(1, args.rounds + 1):
-        lr = scheduled_learning_rate(args.learning_rate, args.lr_schedule, r, args.rounds)
-        settings = TrainSettings(args.local_epochs, args.batch_size, lr, round_seed(args.seed, who, r))
+        settings = TrainSettings.for_round(
+            args.local_epochs, args.batch_size, args.learning_rate, args.lr_schedule, args.seed, who, r, args.rounds
+        )  # what the ClientApp uses, so every arm draws batches the same way
         task.train(model, data, settings, spec)
     return model
 

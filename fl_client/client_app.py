@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from pydantic import ValidationError
@@ -15,7 +13,7 @@ from maxfl.errors import ConfigError
 from maxfl.messages import ARRAYS, CONFIG, METRICS, PLANT, PROFILE, WEIGHT_KEY, DataQuery, RoundInstructions
 from maxfl.weights import pack, unpack_into
 from tasks import get_task
-from tasks.base import PlantData, Task, TaskSpec, TrainSettings, scheduled_learning_rate
+from tasks.base import PlantData, Task, TaskSpec, TrainSettings
 
 app = ClientApp(mods=[plant_declines_mod])
 
@@ -54,14 +52,9 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     plant, instructions, task, spec, data = _prepare(msg, context)
     model = _load_model(task, spec, msg)
-    settings = TrainSettings(
-        epochs=instructions.local_epochs,
-        batch_size=instructions.batch_size,
-        learning_rate=scheduled_learning_rate(
-            instructions.learning_rate, instructions.lr_schedule, instructions.server_round, instructions.num_server_rounds
-        ),
-        # Different plants and rounds draw different batches and augmentations, reproducibly.
-        seed=zlib.crc32(f"{instructions.seed}/{plant.plant_id}/{instructions.server_round}".encode()),
+    settings = TrainSettings.for_round(
+        instructions.local_epochs, instructions.batch_size, instructions.learning_rate, instructions.lr_schedule,
+        instructions.seed, plant.plant_id, instructions.server_round, instructions.num_server_rounds,
     )
     metrics = task.train(model, data, settings, spec)
     metrics[WEIGHT_KEY] = len(data.y_train)

@@ -14,6 +14,7 @@ from fl_server.grid import PollingGrid
 from fl_server.strategy import TrackedStrategy, build_strategy
 from fl_server.tracking import tracked_run
 from maxfl.flower_tuning import tune_object_pulls
+from maxfl.messages import TrainingPlan
 from maxfl.weights import pack, unpack_into
 from tasks import get_task
 
@@ -44,26 +45,24 @@ def main(grid: Grid, context: Context) -> None:
         tracker.log_data_agreement(spec, profiles)
         torch.manual_seed(cfg.seed)
         model = task.build_model(spec)
-        instructions = ConfigRecord(
-            {
-                "task": cfg.task,
-                "task-spec": spec.model_dump_json(),
-                "local-epochs": cfg.local_epochs,
-                "batch-size": cfg.batch_size,
-                "learning-rate": cfg.learning_rate,
-                "lr-schedule": cfg.lr_schedule,
-                "num-server-rounds": cfg.num_server_rounds,
-                "seed": cfg.seed,
-            }
-        )
+        plan = TrainingPlan(
+            task=cfg.task,
+            seed=cfg.seed,
+            task_spec=spec.model_dump_json(),
+            local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            lr_schedule=cfg.lr_schedule,
+            num_server_rounds=cfg.num_server_rounds,
+        ).to_flower()
         strategy = TrackedStrategy(build_strategy(cfg), tracker, cfg.min_plants, cfg.num_server_rounds)
         result = strategy.start(
             grid=grid,
             initial_arrays=pack(model),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout_s,
-            train_config=instructions,
-            evaluate_config=ConfigRecord(dict(instructions)),
+            train_config=ConfigRecord(plan),
+            evaluate_config=ConfigRecord(plan),
         )
         unpack_into(model, result.arrays)
         tracker.log_model(model, task.input_example(spec))

@@ -25,15 +25,22 @@ class DataQuery(FlowerSettings, extra="ignore"):
     seed: int = 0
 
 
-class RoundInstructions(DataQuery):
-    """Sent by the anchor with the global weights; the plant trains or evaluates accordingly."""
+class TrainingPlan(DataQuery):
+    """What the anchor sends with every round's weights; the strategy adds the round number."""
 
-    source: ClassVar[str] = "round instructions"
+    source: ClassVar[str] = "training plan"
 
     task_spec: str  # the TaskSpec JSON the anchor merged from all plants' profiles
-    server_round: int = Field(ge=1)
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.05, gt=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     num_server_rounds: int = Field(1, ge=1)
+
+
+class RoundInstructions(TrainingPlan):
+    """A round's message as the plant receives it: the plan plus the round Flower's strategy injected."""
+
+    source: ClassVar[str] = "round instructions"
+
+    server_round: int = Field(ge=1)

@@ -9,6 +9,7 @@ fl_client only move profiles, specs and weights.
 from __future__ import annotations
 
 import math
+import zlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,19 @@ class TrainSettings:
     batch_size: int
     learning_rate: float
     seed: int
+
+    @classmethod
+    def for_round(
+        cls, epochs: int, batch_size: int, learning_rate: float, schedule: str, run_seed: int, plant: str, server_round: int, num_rounds: int
+    ) -> TrainSettings:
+        """One plant's settings for one round: the scheduled learning rate, and a seed of its own so that
+        plants and rounds draw different batches and augmentations, reproducibly."""
+        return cls(
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=scheduled_learning_rate(learning_rate, schedule, server_round, num_rounds),
+            seed=zlib.crc32(f"{run_seed}/{plant}/{server_round}".encode()),
+        )
 
 
 @dataclass(frozen=True)
