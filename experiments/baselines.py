@@ -67,8 +67,11 @@ def score(task: Task, spec: TaskSpec, model: torch.nn.Module, datas: dict[str, P
     return {name: task.evaluate(model, data, spec) for name, data in everyone.items()}
 
 
-def federated_model(task: Task, spec: TaskSpec, args: argparse.Namespace, work: Path, uri: str) -> tuple[torch.nn.Module, str]:
-    """Run the real federation against our MLflow server, then load its model back from MLflow."""
+def federated_model(task: Task, spec: TaskSpec, args: argparse.Namespace, work: Path, uri: str,
+                    privacy: dict[str, Any] | None = None, **settings: Any) -> tuple[torch.nn.Module, str]:
+    """Run the real federation against our MLflow server, then load its model back from MLflow.
+
+    Without `privacy` the run is non-private, like the other arms: plants allow it (max-epsilon inf)."""
     import mlflow.pytorch
 
     overrides = {
@@ -76,10 +79,12 @@ def federated_model(task: Task, spec: TaskSpec, args: argparse.Namespace, work: 
         "batch-size": args.batch_size, "learning-rate": args.learning_rate, "lr-schedule": args.lr_schedule,
         "seed": args.seed,
         "min-plants": args.plants, "model": args.model,
+        **(privacy or {"privacy": "none"}),
     }
-    settings = FederationSettings(app_dir=find_app_dir(), workdir=work, plants=args.plants,
-                                  examples_per_plant=args.examples_per_plant, run_overrides=overrides, tracking_uri=uri)
-    result = LocalFederation(settings).run()
+    settings.setdefault("max_epsilon", float("inf"))
+    federation = FederationSettings(app_dir=find_app_dir(), workdir=work, plants=args.plants,
+                                    examples_per_plant=args.examples_per_plant, run_overrides=overrides, tracking_uri=uri, **settings)
+    result = LocalFederation(federation).run()
     mlflow.set_tracking_uri(uri)
     exported = mlflow.pytorch.load_model(f"runs:/{result.mlflow_run_id}/model")
     model = task.build_model(spec)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from pydantic import ValidationError
 from torch import nn
 
 from fl_client.config import PlantConfig
-from fl_client.mods import plant_declines_mod
+from fl_client.mods import central_clipping_mod, plant_declines_mod
 from maxfl.errors import ConfigError
 from maxfl.messages import ARRAYS, CONFIG, METRICS, PLANT, PROFILE, WEIGHT_KEY, DataQuery, RoundInstructions
 from maxfl.weights import pack, unpack_into
+from privacy.budget import authorize_round
+from privacy.dpsgd import DPSGD
 from tasks import get_task
 from tasks.base import PlantData, Task, TaskSpec, TrainSettings
 
@@ -48,15 +52,23 @@ def query(msg: Message, context: Context) -> Message:
     return _reply(msg, plant, RecordDict({CONFIG: ConfigRecord({PROFILE: profile.model_dump_json(by_alias=True)})}))
 
 
-@app.train()
+@app.train(mods=[central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
+    """Train one round under the plant's privacy ceiling: the ledger records the round before training starts."""
     plant, instructions, task, spec, data = _prepare(msg, context)
+    grant = authorize_round(
+        plant.privacy(), instructions, fingerprint=data.fingerprint, task=task.name, records=len(data.private_records()),
+        run_id=msg.metadata.run_id, server_round=instructions.server_round, epochs=instructions.local_epochs,
+        batch_size=instructions.batch_size, num_rounds=instructions.num_server_rounds,
+    )
     model = _load_model(task, spec, msg)
     settings = TrainSettings.for_round(
         instructions.local_epochs, instructions.batch_size, instructions.learning_rate, instructions.lr_schedule,
         instructions.seed, plant.plant_id, instructions.server_round, instructions.num_server_rounds,
     )
-    metrics = task.train(model, data, settings, spec)
+    if grant.private:
+        settings = replace(settings, local_training=DPSGD(grant.mechanism, grant.max_grad_norm))
+    metrics = grant.report(task.train(model, data, settings, spec))
     metrics[WEIGHT_KEY] = len(data.y_train)
     return _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics), ARRAYS: pack(model)}))
 

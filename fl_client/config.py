@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -14,7 +15,13 @@ from maxfl.settings import FlowerSettings
 if TYPE_CHECKING:
     from flwr.app import Context
 
+    from privacy.budget import PlantPrivacy
+
 PLANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+def maxfl_home() -> Path:
+    return Path(os.environ.get("MAXFL_HOME", Path.home() / ".maxfl"))
 
 
 class PlantConfig(FlowerSettings, extra="ignore"):
@@ -22,22 +29,46 @@ class PlantConfig(FlowerSettings, extra="ignore"):
 
     plant_id: str = Field(pattern=PLANT_ID_PATTERN)
     data_dir: Path
+    # The plant's privacy ceiling: the most epsilon any one data set may ever spend, over all runs. Not set:
+    # the plant refuses to train. "inf": it also accepts runs without differential privacy.
+    max_epsilon: float | None = Field(None, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    # The plant's privacy ledger; default $MAXFL_HOME/ledgers/<plant-id>.json (MAXFL_HOME: ~/.maxfl).
+    ledger: Path | None = None
 
     @classmethod
-    def from_flower(cls, node_config: Mapping[str, Any], sim_data_root: str = "") -> PlantConfig:
-        """Deployment: the SuperNode's node config. Simulation: derived from Flower's partition id."""
+    def from_flower(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> PlantConfig:
+        """Deployment: the SuperNode's node config. Simulation: derived from Flower's partition id and the
+        run config's `sim-*` keys, which stand in for the node configs of virtual plants."""
         values = dict(node_config)
         if "plant-id" not in values and "partition-id" in values:
-            if not sim_data_root:
+            run = run_config or {}
+            root = str(run.get("sim-data-root", ""))
+            if not root:
                 raise ConfigError("simulation needs run config 'sim-data-root' (the folder holding plant-1, plant-2, ...)")
             plant_id = f"plant-{int(values['partition-id']) + 1}"
-            values = {"plant-id": plant_id, "data-dir": str(Path(sim_data_root) / plant_id)}
+            values = {"plant-id": plant_id, "data-dir": str(Path(root) / plant_id), "ledger": str(Path(root) / "ledgers" / f"{plant_id}.json")}
+            values |= {key: run[f"sim-{key}"] for key in ("max-epsilon", "delta") if f"sim-{key}" in run}
         return cls.parse(values)
 
     @classmethod
     def from_context(cls, context: Context) -> PlantConfig:
-        return cls.from_flower(context.node_config, str(context.run_config.get("sim-data-root", "")))
+        return cls.from_flower(context.node_config, context.run_config)
+
+    def ledger_path(self) -> Path:
+        return self.ledger or maxfl_home() / "ledgers" / f"{self.plant_id}.json"
+
+    def privacy(self) -> PlantPrivacy:
+        from privacy.budget import PlantPrivacy
+        from privacy.ledger import Ledger
+
+        return PlantPrivacy(ledger=Ledger(self.ledger_path(), self.plant_id), max_epsilon=self.max_epsilon, delta=self.delta)
 
     def as_node_config(self) -> str:
         """The `--node-config` string for `flower-supernode`."""
-        return f'plant-id="{self.plant_id}" data-dir="{self.data_dir}"'
+        parts = [f'plant-id="{self.plant_id}"', f'data-dir="{self.data_dir}"', f"delta={self.delta!r}"]
+        if self.max_epsilon is not None:
+            parts.append(f'max-epsilon="inf"' if self.max_epsilon == float("inf") else f"max-epsilon={self.max_epsilon!r}")
+        if self.ledger is not None:
+            parts.append(f'ledger="{self.ledger}"')
+        return " ".join(parts)

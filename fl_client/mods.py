@@ -6,11 +6,14 @@ import logging
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fl_client.config import PlantConfig
 from maxfl.errors import UserError
+from maxfl.messages import CONFIG
 
 log = logging.getLogger("maxfl")
 
@@ -29,3 +32,11 @@ def plant_declines_mod(msg: Message, context: Context, call_next: ClientAppCalla
             who = f"node-{context.node_id}"
         log.error("%s declines the %s message: %s", who, msg.metadata.message_type, exc)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{who} declined: {exc}"), reply_to=msg)
+
+
+def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip the round's update before it leaves, when the anchor runs Flower's client-side central DP
+    (`central-dp = "plant-clipping"`, which puts the clipping norm in the train config); otherwise a no-op."""
+    if KEY_CLIPPING_NORM in msg.content[CONFIG]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)

@@ -7,12 +7,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from maxfl.settings import FlowerSettings
+from privacy.plan import PrivacyPlan
 from tasks import task_names
 
 
-class RunConfig(FlowerSettings, extra="forbid"):
-    """One federated training run."""
+class RunConfig(PrivacyPlan, extra="forbid"):
+    """One federated training run; the privacy request (`PrivacyPlan`) is part of it."""
 
     source: ClassVar[str] = "run config"
 
@@ -37,8 +37,17 @@ class RunConfig(FlowerSettings, extra="forbid"):
     poll_interval_s: float = Field(0.1, gt=0.0, le=10.0)
     tracking_uri: str = ""
     experiment_name: str = Field("maxfl", min_length=1)
+    # Optional central DP at the plant level (fl_server.central_dp): each plant's round update is clipped to
+    # central-dp-clipping-norm (by the anchor, or by the plant before sending) and noise is added to the average.
+    central_dp: Literal["off", "server-clipping", "plant-clipping"] = "off"
+    central_dp_noise_multiplier: float = Field(1.0, gt=0.0)
+    central_dp_clipping_norm: float = Field(1.0, gt=0.0)
+    central_dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
     # Simulation only: virtual plant k reads its data from <sim-data-root>/plant-<k+1>.
     sim_data_root: str = ""
+    # Simulation only: the virtual plants' node configs (each plant's ceiling and delta; see PlantConfig).
+    sim_max_epsilon: float = Field(10.0, gt=0.0)
+    sim_delta: float = Field(1e-5, gt=0.0, lt=1.0)
 
     @field_validator("task")
     @classmethod

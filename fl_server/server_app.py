@@ -8,6 +8,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fl_server.central_dp import with_central_dp
 from fl_server.config import RunConfig
 from fl_server.data_agreement import agree_on_data
 from fl_server.grid import PollingGrid
@@ -54,8 +55,9 @@ def main(grid: Grid, context: Context) -> None:
             learning_rate=cfg.learning_rate,
             lr_schedule=cfg.lr_schedule,
             num_server_rounds=cfg.num_server_rounds,
+            **cfg.privacy_fields(),
         ).to_flower()
-        strategy = TrackedStrategy(build_strategy(cfg), tracker, cfg.min_plants, cfg.num_server_rounds)
+        strategy = TrackedStrategy(with_central_dp(build_strategy(cfg), cfg, len(profiles)), tracker, cfg.min_plants, cfg.num_server_rounds)
         result = strategy.start(
             grid=grid,
             initial_arrays=pack(model),

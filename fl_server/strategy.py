@@ -16,6 +16,7 @@ from fl_server.tracking import RunTracker
 from maxfl.messages import METRICS, PLANT, WEIGHT_KEY
 
 log = logging.getLogger("maxfl")
+PRIVACY_PREFIX = "dp_"  # metrics a plant's privacy budget reports (privacy.budget.RoundGrant)
 
 
 class RunAborted(RuntimeError):
@@ -112,8 +113,9 @@ class TrackedStrategy(Strategy):
         return metrics
 
     def _log_aggregate(self, server_round: int, metrics: MetricRecord | None) -> None:
+        # An average epsilon describes no plant: privacy metrics are logged per plant, and their maximum.
         if metrics is not None:
-            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != WEIGHT_KEY}, step=server_round)
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != WEIGHT_KEY and not k.startswith(PRIVACY_PREFIX)}, step=server_round)
 
     def _record(self, phase: str, server_round: int, replies: list[Message]) -> float:
         """Logs per-plant metrics and the phase's wall time and overhead; returns the slowest plant's work time."""
@@ -129,9 +131,12 @@ class TrackedStrategy(Strategy):
             metrics = msg.content[METRICS]
             slowest = max(slowest, float(metrics.get(f"{phase}_time_s", 0.0)))
             per_plant.update({f"{plant}/{k}": float(v) for k, v in metrics.items()})
-            shown = " ".join(f"{k}={float(v):.3f}" for k, v in metrics.items() if k.endswith(("loss", "accuracy", "macro_f1")))
+            shown = " ".join(f"{k}={float(v):.3f}" for k, v in metrics.items() if k.endswith(("loss", "accuracy", "macro_f1")) or k == f"{PRIVACY_PREFIX}epsilon")
             status.append(f"{plant} ok {shown}")
         self.tracker.note_plants([plant_of(m) for m in replies if not m.has_error()])
+        epsilons = [v for k, v in per_plant.items() if k.endswith(f"/{PRIVACY_PREFIX}epsilon")]
+        if epsilons:
+            per_plant[f"{PRIVACY_PREFIX}epsilon_max"] = max(epsilons)
         per_plant[f"round_{phase}_wall_s"] = wall
         per_plant[f"round_{phase}_overhead_s"] = wall - slowest
         self.tracker.log_metrics(per_plant, step=server_round)

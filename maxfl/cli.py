@@ -55,6 +55,7 @@ def federate(
     superlink_port: Annotated[int | None, typer.Option(help="SuperLink port (default: a free one).")] = None,
     keep_mlflow: Annotated[bool, typer.Option(help="Keep MLflow running for browsing until Ctrl-C.")] = False,
     warm: Annotated[bool, typer.Option(help="Long-lived pre-imported ClientApp executors (process isolation).")] = True,
+    max_epsilon: Annotated[float, typer.Option(help="Each demo plant's privacy ceiling (its node config max-epsilon).")] = 10.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
 ) -> None:
     """Start MLflow, a SuperLink and N plant SuperNodes on 127.0.0.1, train, and stop them all."""
@@ -69,7 +70,7 @@ def federate(
         settings = FederationSettings(
             app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=plants, run_overrides=overrides,  # type: ignore[arg-type]
             examples_per_plant=examples_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
-            keep_mlflow=keep_mlflow, warm=warm, tracking_uri=tracking_uri,
+            keep_mlflow=keep_mlflow, warm=warm, tracking_uri=tracking_uri, max_epsilon=max_epsilon,
         )
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, "options")) from None
@@ -77,6 +78,8 @@ def federate(
     console.print(f"[green]done[/green]: Flower run {result.flwr_run_id} {result.status}")
     console.print(f"MLflow run id: {result.mlflow_run_id}")
     console.print(f"MLflow URL:    {result.mlflow_url}")
+    for line in result.privacy:
+        console.print(f"privacy ledger {line}")
     if json_out is not None:
         from maxfl.atomic import atomic_write_text
 
@@ -118,6 +121,56 @@ def check_data(
     profile = _task(task).profile(data_dir, seed)
     console.print(profile.model_dump_json(by_alias=True, indent=2))
     console.print(f"[green]ok[/green]: {profile.examples} training examples for task {task} in {data_dir}")
+
+
+@app.command()
+def ledger(
+    node_config: Annotated[str | None, typer.Option(help="The plant SuperNode's --node-config string (plant id, ceiling, delta, ledger).")] = None,
+    path: Annotated[Path | None, typer.Option("--ledger", help="A ledger file to inspect (no ceiling known).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Plant side: what this plant has spent, per data set and run, against its ceiling."""
+    from rich import box
+    from rich.table import Table
+
+    from privacy.ledger import Ledger
+    from privacy.report import spending
+
+    if node_config is not None:
+        from flwr.common.config import parse_config_args
+
+        from fl_client.config import PlantConfig
+
+        plant = PlantConfig.from_flower(parse_config_args([node_config]))
+        book, delta, ceiling = Ledger(path or plant.ledger_path(), plant.plant_id), plant.delta, plant.max_epsilon
+    elif path is not None:
+        from fl_client.config import PlantConfig
+
+        book, delta, ceiling = Ledger(path, None), PlantConfig.model_fields["delta"].default, None
+    else:
+        raise ConfigError("say whose ledger: --node-config '<the SuperNode's node config>' or --ledger PATH")
+    state = book.read()
+    spends = spending(state, delta, ceiling)
+    if json_:
+        console.print_json(json.dumps({"plant-id": state.plant_id, "ledger": str(book.path),
+                                       "data-sets": [s.model_dump(mode="json") for s in spends]}))
+        return
+    console.print(f"privacy ledger of {state.plant_id}: {book.path} (accountant: {state.accountant}, delta {delta:g})")
+    if not spends:
+        console.print("no DP training recorded yet")
+        return
+    table = Table("data set", "task", "runs", "rounds", "epsilon", "ceiling", "left", "last used", box=box.SIMPLE)
+    for s in spends:
+        table.add_row(s.fingerprint[:12], s.task, str(len(s.runs)), str(s.rounds), f"{s.epsilon:.3f}",
+                      "-" if s.max_epsilon is None else f"{s.max_epsilon:g}", "-" if s.remaining is None else f"{s.remaining:.3f}",
+                      s.last_used.strftime("%Y-%m-%d") if s.last_used else "-")
+    console.print(table)
+    runs = Table("data set", "Flower run", "rounds", "epsilon of the run alone", box=box.SIMPLE)
+    for s in spends:
+        for r in s.runs:
+            runs.add_row(s.fingerprint[:12], str(r.run_id), str(r.rounds), f"{r.epsilon:.3f}")
+    console.print(runs)
+    console.print("epsilon spent composes every round of every run (RDP); per-run values do not add up to it")
 
 
 def main() -> None:

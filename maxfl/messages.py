@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from maxfl.settings import FlowerSettings
+from privacy.plan import PrivacyPlan
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -25,7 +26,7 @@ class DataQuery(FlowerSettings, extra="ignore"):
     seed: int = 0
 
 
-class TrainingPlan(DataQuery):
+class TrainingPlan(DataQuery, PrivacyPlan):
     """What the anchor sends with every round's weights; the strategy adds the round number."""
 
     source: ClassVar[str] = "training plan"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +25,41 @@ from torch import nn
 from maxfl.errors import ConfigError, DataError
 
 
+class LocalTraining(Protocol):
+    """How a plant turns its training records into optimizer steps: plain shuffled mini-batches
+    (`MiniBatches`), or DP-SGD (`privacy.dpsgd.DPSGD`). Task code trains through it and never knows which."""
+
+    def session(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, data: PlantData, settings: TrainSettings, gen: torch.Generator
+    ) -> AbstractContextManager[tuple[nn.Module, torch.optim.Optimizer, Iterable[torch.Tensor]]]:
+        """Yields the model and optimizer to step, and the index batches (into `data.x_train`) of all epochs."""
+        ...
+
+    def reduce(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A batch's loss from its per-record losses (already multiplied by `weights`)."""
+        ...
+
+
+class MiniBatches:
+    """Shuffled mini-batches over all training records, each epoch; the loss is the weighted mean."""
+
+    @contextmanager
+    def session(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, data: PlantData, settings: TrainSettings, gen: torch.Generator
+    ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, Iterable[torch.Tensor]]]:
+        n = len(data.y_train)
+
+        def batches() -> Iterator[torch.Tensor]:
+            for _ in range(settings.epochs):
+                order = torch.randperm(n, generator=gen)
+                yield from order.split(settings.batch_size)
+
+        yield model, optimizer, batches()
+
+    def reduce(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return losses.sum() / weights.sum()
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Local-training knobs sent by the anchor each round."""
@@ -32,6 +68,7 @@ class TrainSettings:
     batch_size: int
     learning_rate: float
     seed: int
+    local_training: LocalTraining = field(default_factory=MiniBatches)
 
     @classmethod
     def for_round(
@@ -56,6 +93,13 @@ class PlantData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     fingerprint: str  # SHA-256 of the plant's raw data, so runs and ledgers can name the data they used
+    # Indices of training records that share no raw sample. DP's unit is one raw sample, so DP-SGD trains on
+    # these only; None: every record is its own raw sample (an image, a table row).
+    disjoint_train: torch.Tensor | None = None
+
+    def private_records(self) -> torch.Tensor:
+        """The training records DP-SGD may sample from."""
+        return self.disjoint_train if self.disjoint_train is not None else torch.arange(len(self.y_train))
 
 
 def scheduled_learning_rate(base: float, schedule: str, server_round: int, num_rounds: int) -> float:

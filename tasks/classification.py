@@ -34,23 +34,22 @@ def train_classifier(
     augment: Augment | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
+    """Class-weighted cross-entropy. The weights come from the plant's own label counts, which its data
+    profile already discloses, so under DP-SGD they are public and each record's loss depends on it alone."""
     gen = torch.Generator().manual_seed(settings.seed)
     weights = class_weights(data.y_train, num_classes)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=0.9)
     model.train()
-    n = len(data.y_train)
     seen, loss_sum, correct = 0, 0.0, 0
     started = time.perf_counter()
-    for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, settings.batch_size):
-            idx = order[start : start + settings.batch_size]
+    with settings.local_training.session(model, optimizer, data, settings, gen) as (net, optimizer, batches):
+        for idx in batches:
             x, y = data.x_train[idx], data.y_train[idx]
             if augment is not None:
                 x = augment(x, gen)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, weight=weights)
+            logits = net(x)
+            loss = settings.local_training.reduce(F.cross_entropy(logits, y, weight=weights, reduction="none"), weights[y])
             loss.backward()
             optimizer.step()
             seen += len(y)

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fl_client.config import PlantConfig
 from fl_server.config import RunConfig
 from fl_server.tracking import check_reachable
 from maxfl.atomic import atomic_write_text
-from maxfl.errors import ConfigError, DataError, ProcessError
+from maxfl.errors import ConfigError, DataError, ProcessError, UserError
 from maxfl.local.processes import Managed, ProcessGroup, free_port, port_is_free, strip_ansi
 from tasks import get_task
 from tasks.base import TaskOptions, resolve_model
@@ -52,6 +52,17 @@ class FederationSettings(BaseModel):
     # An MLflow server that is already running (the anchor's own); none: start one under workdir.
     tracking_uri: str | None = None
     warm: bool = True
+    # The demo plants' own privacy settings (their node configs); ledgers live under workdir and persist.
+    max_epsilon: float = Field(10.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    ceilings: dict[str, float] = Field(default_factory=dict)  # plant id -> its own max-epsilon (deployment mode)
+    ledger_dir: Path | None = None  # default: <workdir>/plants/ledgers
+
+    @model_validator(mode="after")
+    def _ceilings_need_real_plants(self) -> FederationSettings:
+        if (self.ceilings or self.ledger_dir) and self.mode == "simulation":
+            raise ValueError("per-plant ceilings and ledger folders need deployment mode (virtual plants take them from the run config's sim-* keys)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,18 @@ class FederationResult:
     mlflow_url: str
     tracking_uri: str
     status: str
+    privacy: list[str]  # per plant, what its ledger says it has spent
+
+
+def privacy_summary(plant: PlantConfig) -> str:
+    """The plant's own ledger, as the plant would see it (`maxfl ledger`)."""
+    from privacy.report import one_line, spending
+
+    try:
+        privacy = plant.privacy()
+        return one_line(plant.plant_id, spending(privacy.ledger.read(), privacy.delta, privacy.max_epsilon))
+    except UserError as exc:
+        return f"{plant.plant_id}: {exc}"
 
 
 def find_app_dir() -> Path:
@@ -99,7 +122,11 @@ class LocalFederation:
             self.echo(f"preparing {task_name} data for {self.s.plants} plants under {root}")
             get_task(task_name).prepare_plants(self.s.plants, root, seed, self.s.examples_per_plant)
             atomic_write_text(marker, json.dumps(wanted))
-        plants = [PlantConfig(plant_id=f"plant-{k}", data_dir=root / f"plant-{k}") for k in range(1, self.s.plants + 1)]
+        plants = [
+            PlantConfig(plant_id=f"plant-{k}", data_dir=root / f"plant-{k}", max_epsilon=self.s.ceilings.get(f"plant-{k}", self.s.max_epsilon),
+                        delta=self.s.delta, ledger=(self.s.ledger_dir or root / "ledgers") / f"plant-{k}.json")
+            for k in range(1, self.s.plants + 1)
+        ]
         for plant in plants:
             if not plant.data_dir.is_dir() or not any(plant.data_dir.iterdir()):
                 raise DataError(f"{plant.plant_id}: data location {plant.data_dir} is missing or empty; delete {marker} to re-create it")
@@ -244,14 +271,14 @@ class LocalFederation:
                 self.start_plants(superlink, plants)
                 self.echo(f"plants: {', '.join(p.plant_id for p in plants)} (SuperNodes started)")
             else:
-                overrides["sim-data-root"] = str(plants[0].data_dir.parent)
+                overrides |= {"sim-data-root": str(plants[0].data_dir.parent), "sim-max-epsilon": self.s.max_epsilon, "sim-delta": self.s.delta}
             cli_home = self.write_cli_config(superlink)
             run_id = self.submit(cli_home, overrides)
             status = self.run_status(cli_home, run_id)
             if not status.endswith("completed"):
                 reason = self.last_server_error or "see the ServerApp's output above"
                 raise ProcessError(f"Flower run {run_id} ended as '{status}': {reason} (logs: {self.work / 'logs'})")
-            result = self._result(tracking_uri, cfg.experiment_name, run_id, status)
+            result = self._result(tracking_uri, cfg.experiment_name, run_id, status, plants)
             if self.s.keep_mlflow:
                 self._serve_mlflow_until_interrupted(result)
             return result
@@ -260,7 +287,7 @@ class LocalFederation:
             if killed:
                 log.warning("had to kill %d process(es) that ignored SIGTERM: %s", len(killed), killed)
 
-    def _result(self, tracking_uri: str, experiment: str, run_id: int, status: str) -> FederationResult:
+    def _result(self, tracking_uri: str, experiment: str, run_id: int, status: str, plants: list[PlantConfig]) -> FederationResult:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
@@ -270,7 +297,7 @@ class LocalFederation:
             raise ProcessError(f"Flower run {run_id} ({status}) left no MLflow run in experiment '{experiment}'; see {self.work / 'logs'}")
         mlflow_run = runs[0]
         url = f"{tracking_uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}"
-        return FederationResult(run_id, mlflow_run.info.run_id, url, tracking_uri, status)
+        return FederationResult(run_id, mlflow_run.info.run_id, url, tracking_uri, status, [privacy_summary(p) for p in plants])
 
     def _serve_mlflow_until_interrupted(self, result: FederationResult) -> None:
         self.echo(f"MLflow stays up for browsing at {result.mlflow_url} — press Ctrl-C to stop it")

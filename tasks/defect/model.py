@@ -9,7 +9,7 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
         nn.GroupNorm(num_groups=min(8, c_out), num_channels=c_out),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),  # not in place: per-record gradient hooks (DP-SGD) need the activations
         nn.MaxPool2d(2),
     )
 

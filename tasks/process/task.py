@@ -88,7 +88,7 @@ class ProcessTask:
     def profile(self, data_dir: Path, seed: int) -> ProcessProfile:
         rec = load_recording(data_dir / RECORDING_FILE)
         mean, std = normal_statistics(rec.train)
-        _, labels = windows(rec.train, mean, std, WINDOW)
+        _, labels, _ = windows(rec.train, mean, std, WINDOW)
         values, counts = np.unique(labels, return_counts=True)
         schema = {f"var:{name}": "numeric" for name in rec.variable_names}
         schema["sampling"] = f"{rec.spec.sample_minutes:g} min"
@@ -123,14 +123,17 @@ class ProcessTask:
         rec = load_recording(path)
         mean, std = normal_statistics(rec.train)
         index = {idv: i for i, idv in enumerate(spec.classes)}
-        tensors = []
+        tensors, offsets = [], []
         for split in (rec.train, rec.test):
-            x, labels = windows(split, mean, std, spec.window)
+            x, labels, at = windows(split, mean, std, spec.window)
             unknown = sorted(set(np.unique(labels).tolist()) - set(index))
             if unknown:
                 raise DataError(f"{path}: fault(s) IDV {unknown} are not among the federation's classes {list(spec.classes)}")
             tensors += [x, torch.from_numpy(np.vectorize(index.__getitem__)(labels).astype(np.int64))]
-        return PlantData(*tensors, fingerprint=_fingerprint(path))
+            offsets.append(at)
+        # Overlapping windows put one sample in up to `window` records; DP-SGD trains on a tiling instead.
+        disjoint = torch.from_numpy(np.flatnonzero(offsets[0] % spec.window == 0))
+        return PlantData(*tensors, fingerprint=_fingerprint(path), disjoint_train=disjoint)
 
     def prepare_plants(self, n_plants: int, root: Path, seed: int, limit: int | None = None) -> list[Path]:
         dirs = []

@@ -26,16 +26,19 @@ def normal_statistics(split: ProcessSplit) -> tuple[np.ndarray, np.ndarray]:
     return normal.mean(axis=0), np.maximum(normal.std(axis=0), MIN_STD)
 
 
-def windows(split: ProcessSplit, mean: np.ndarray, std: np.ndarray, length: int, stride: int = 1) -> tuple[torch.Tensor, np.ndarray]:
-    """Windows (N, variables, length) that never cross two runs, labelled by their last sample."""
+def windows(split: ProcessSplit, mean: np.ndarray, std: np.ndarray, length: int, stride: int = 1) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Windows (N, variables, length) that never cross two runs, labelled by their last sample, and each
+    window's offset from the start of its run (windows at offsets 0, length, 2*length, ... share no sample)."""
     x = ((split.x - mean) / std).astype(np.float32)
-    starts = []
+    starts, offsets = [], []
     for run in np.unique(split.run):
         idx = np.flatnonzero(split.run == run)
         first, last = idx[0], idx[-1]
-        starts.extend(range(first, last - length + 2, stride))
+        run_starts = range(first, last - length + 2, stride)
+        starts.extend(run_starts)
+        offsets.extend(s - first for s in run_starts)
     if not starts:
         raise DataError(f"every run is shorter than the {length}-sample window; record longer runs")
     s = np.asarray(starts)
     view = np.lib.stride_tricks.sliding_window_view(x, length, axis=0)  # (T-length+1, variables, length)
-    return torch.from_numpy(np.ascontiguousarray(view[s])), split.label[s + length - 1]
+    return torch.from_numpy(np.ascontiguousarray(view[s])), split.label[s + length - 1], np.asarray(offsets)

@@ -19,15 +19,13 @@ def train_regressor(
     gen = torch.Generator().manual_seed(settings.seed)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=0.9)
     model.train()
-    n = len(data.y_train)
     seen, loss_sum = 0, 0.0
     started = time.perf_counter()
-    for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, settings.batch_size):
-            idx = order[start : start + settings.batch_size]
+    with settings.local_training.session(model, optimizer, data, settings, gen) as (net, optimizer, batches):
+        for idx in batches:
+            y = data.y_train[idx]
             optimizer.zero_grad(set_to_none=True)
-            loss = F.mse_loss(model(data.x_train[idx]).squeeze(-1), data.y_train[idx])
+            loss = settings.local_training.reduce(F.mse_loss(net(data.x_train[idx]).squeeze(-1), y, reduction="none"), torch.ones_like(y))
             loss.backward()
             optimizer.step()
             seen += len(idx)

@@ -12,16 +12,17 @@ from mlflow.tracking import MlflowClient
 from maxfl.errors import ProcessError
 from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
 from maxfl.local.processes import descendants, pid_alive
+from privacy.ledger import Ledger
 
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 2
 
 
-def _federation(tmp_path, mode: str = "deployment") -> LocalFederation:
+def _federation(tmp_path, mode: str = "deployment", **options) -> LocalFederation:
     settings = FederationSettings(
-        app_dir=find_app_dir(), workdir=tmp_path / "work", mode=mode, plants=2, examples_per_plant=80,
-        run_overrides={"num-server-rounds": ROUNDS},
+        app_dir=find_app_dir(), workdir=tmp_path / "work", mode=mode, plants=options.pop("plants", 2), examples_per_plant=80,
+        run_overrides={"num-server-rounds": ROUNDS}, **options,
     )
     return LocalFederation(settings, echo=print)
 
@@ -39,12 +40,20 @@ def _assert_tracked(tmp_path, result) -> None:
     assert run.data.params["num-server-rounds"] == str(ROUNDS) and run.data.params["task"] == "defect"
     assert run.data.tags["maxfl.plants"] == "plant-1,plant-2"
     assert run.data.tags["flwr.run_id"] == str(result.flwr_run_id) and run.data.tags["flwr.version"]
-    for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "round_overhead_s"):
+    for key in ("eval_loss", "eval_accuracy", "eval_macro_f1", "round_overhead_s", "dp_epsilon_max"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, ROUNDS + 1)), key
+    # DP-SGD by default: the plants keep their training loss; MLflow gets their epsilon every round
+    assert "train_loss" not in run.data.metrics and "dp_epsilon" not in run.data.metrics
     for plant in ("plant-1", "plant-2"):
-        for key in ("num-examples", "train_loss", "eval_accuracy"):
+        for key in ("num-examples", "eval_accuracy", "dp_epsilon", "dp_noise_multiplier"):
             history = client.get_metric_history(run.info.run_id, f"{plant}/{key}")
             assert sorted({m.step for m in history}) == list(range(1, ROUNDS + 1)), (plant, key)
+        epsilons = [m.value for m in sorted(client.get_metric_history(run.info.run_id, f"{plant}/dp_epsilon"), key=lambda m: m.step)]
+        assert epsilons == sorted(epsilons) and 0 < epsilons[-1] <= 3.0  # the run's default target
+        # what MLflow shows is what the plant's own ledger says
+        ledger = Ledger(tmp_path / "work" / "plants" / "ledgers" / f"{plant}.json", plant).read()
+        (data_set,) = ledger.data_sets.values()
+        assert data_set.runs() == [result.flwr_run_id] and data_set.spent(1e-5) == pytest.approx(epsilons[-1])
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
     assert len(models) == 1 and models[0].name == "model"
     # The logged model loads without maxfl's code and takes any batch size.
@@ -101,6 +110,19 @@ def test_a_plant_with_corrupt_data_declines_and_the_run_stops_naming_it(tmp_path
     message = str(exc.value)
     assert "finished:failed" in message and "plant-2 declined" in message and "not an .npz archive" in message
     assert "\n" not in message
+    _assert_nothing_left(federation)
+
+
+def test_a_plant_at_its_ceiling_declines_and_the_others_carry_on(tmp_path):
+    federation = _federation(tmp_path, plants=3, ceilings={"plant-3": 0.5})
+    result = federation.run()
+    assert result.status == "finished:completed"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow' / 'mlflow.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    assert {"plant-1/dp_epsilon", "plant-2/dp_epsilon"} <= set(run.data.metrics) and "plant-3/dp_epsilon" not in run.data.metrics
+    assert "plant-3/eval_accuracy" in run.data.metrics  # evaluating the shared model spends no training budget
+    assert Ledger(tmp_path / "work" / "plants" / "ledgers" / "plant-3.json", "plant-3").read().data_sets == {}
+    assert any("plant-3: no DP training recorded" in line for line in result.privacy)
     _assert_nothing_left(federation)
 
 

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.e2e
 ROUNDS = 2
 
 
-def _federation(tmp_path, task: str, mode: str = "simulation") -> LocalFederation:
+def _federation(tmp_path, task: str, mode: str = "simulation", **overrides) -> LocalFederation:
     settings = FederationSettings(
         app_dir=find_app_dir(), workdir=tmp_path / "work", mode=mode, plants=2, examples_per_plant=80,
-        run_overrides={"num-server-rounds": ROUNDS, "task": task},
+        run_overrides={"num-server-rounds": ROUNDS, "task": task, **overrides},
     )
     return LocalFederation(settings, echo=print)
 
@@ -49,3 +49,15 @@ def test_plants_whose_schemas_disagree_are_named_before_anyone_trains(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("maxfl").experiment_id])
     assert run.info.status == "FAILED" and "train_loss" not in run.data.metrics
+
+
+def test_central_dp_with_plant_side_clipping_composes_with_dp_sgd(tmp_path):
+    overrides = {"central-dp": "plant-clipping", "central-dp-noise-multiplier": 0.5, "central-dp-clipping-norm": 2.0}
+    result = _federation(tmp_path, "table", **overrides).run()
+    assert result.status == "finished:completed"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow' / 'mlflow.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    central = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "central_dp_epsilon"), key=lambda m: m.step)]
+    assert len(central) == ROUNDS and central == sorted(central) and central[0] > 0
+    assert run.data.params["central-dp"] == "plant-clipping"
+    assert {f"plant-{k}/dp_epsilon" for k in (1, 2)} <= set(run.data.metrics)  # DP-SGD at the plants as well

@@ -1,62 +1,20 @@
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.app.error import Error
-from flwr.supercore.task_identity import TaskIdentity
 
 from fl_server.config import RunConfig
 from fl_server.strategy import RunAborted, TrackedStrategy, build_strategy
 
 
-class RecordingTracker:
-    """Stands in for MLflow: the MLflow side is covered by the end-to-end test."""
-
-    def __init__(self):
-        self.metrics: dict[tuple[str, int], float] = {}
-        self.plants: set[str] = set()
-
-    def log_metrics(self, metrics, step):
-        self.metrics.update({(k, step): v for k, v in metrics.items()})
-
-    def note_plants(self, plants):
-        self.plants |= set(plants)
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-
-
-def _reply(node_id: int, plant: str, weight: float, examples: int, loss: float) -> Message:
-    TaskIdentity.node_id = node_id
-    ins = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
-    ins.metadata.__dict__["_message_id"] = ins.object_id
-    content = RecordDict({
-        "arrays": ArrayRecord([np.full(3, weight, dtype=np.float32)]),
-        "metrics": MetricRecord({"num-examples": examples, "train_loss": loss, "train_time_s": 0.5}),
-        "plant": ConfigRecord({"plant-id": plant}),
-    })
-    return Message(content=content, reply_to=ins)
-
-
-def _failure(node_id: int, reason: str) -> Message:
-    TaskIdentity.node_id = node_id
-    ins = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
-    ins.metadata.__dict__["_message_id"] = ins.object_id
-    return Message(Error(code=0, reason=reason), reply_to=ins)
-
-
-def _strategy(min_plants=2):
-    tracker = RecordingTracker()
+def _strategy(tracker, min_plants=2):
     cfg = RunConfig(min_plants=min_plants)
     strategy = TrackedStrategy(build_strategy(cfg), tracker, min_plants=min_plants, num_rounds=3)
     strategy._phase_started = 0.0
-    return strategy, tracker
+    return strategy
 
 
-def test_per_plant_and_aggregate_metrics_are_logged_at_the_round_step():
-    strategy, tracker = _strategy()
-    arrays, metrics = strategy.aggregate_train(2, [_reply(11, "plant-1", 1.0, 10, 0.5), _reply(12, "plant-2", 4.0, 30, 0.9)])
+def test_per_plant_and_aggregate_metrics_are_logged_at_the_round_step(tracker, reply):
+    strategy = _strategy(tracker)
+    arrays, metrics = strategy.aggregate_train(2, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 4.0, 30, 0.9)])
     assert np.allclose(arrays.to_numpy_ndarrays()[0], 3.25)  # weighted by examples: (1*10 + 4*30) / 40
     assert tracker.metrics[("plant-1/train_loss", 2)] == 0.5
     assert tracker.metrics[("plant-2/num-examples", 2)] == 30
@@ -65,43 +23,53 @@ def test_per_plant_and_aggregate_metrics_are_logged_at_the_round_step():
     assert tracker.plants == {"plant-1", "plant-2"}
 
 
-def test_a_failed_plant_is_skipped_while_enough_plants_remain():
-    strategy, tracker = _strategy(min_plants=1)
-    arrays, _ = strategy.aggregate_train(1, [_reply(11, "plant-1", 2.0, 10, 0.5), _failure(12, "disk full")])
+def test_a_failed_plant_is_skipped_while_enough_plants_remain(tracker, reply, failure):
+    strategy = _strategy(tracker, min_plants=1)
+    arrays, _ = strategy.aggregate_train(1, [reply(11, "plant-1", 2.0, 10, 0.5), failure(12, "disk full")])
     assert np.allclose(arrays.to_numpy_ndarrays()[0], 2.0)
     assert tracker.plants == {"plant-1"}
 
 
-def test_run_stops_with_every_plants_reason_when_too_few_answer():
-    strategy, _ = _strategy(min_plants=2)
+def test_run_stops_with_every_plants_reason_when_too_few_answer(tracker, reply, failure):
+    strategy = _strategy(tracker, min_plants=2)
     with pytest.raises(RunAborted) as exc:
-        strategy.aggregate_train(1, [_reply(11, "plant-1", 2.0, 10, 0.5), _failure(12, "no defect data at /srv")])
+        strategy.aggregate_train(1, [reply(11, "plant-1", 2.0, 10, 0.5), failure(12, "no defect data at /srv")])
     assert "1 plant(s) returned an update, 2 needed" in str(exc.value)
     assert "node-12: no defect data at /srv" in str(exc.value)
 
 
-def test_flower_exception_wrapping_is_removed_from_reasons():
+def test_flower_exception_wrapping_is_removed_from_reasons(failure):
     from fl_server.strategy import failure_reason
 
-    wrapped = _failure(12, "<class 'maxfl.errors.DataError'>:<'/srv/defect.npz is not readable'>")
+    wrapped = failure(12, "<class 'maxfl.errors.DataError'>:<'/srv/defect.npz is not readable'>")
     assert failure_reason(wrapped) == "node-12: DataError: /srv/defect.npz is not readable"
-    declined = _failure(13, "plant-3 declined: no defect data at /srv")
+    declined = failure(13, "plant-3 declined: no defect data at /srv")
     assert failure_reason(declined) == "plant-3 declined: no defect data at /srv"
 
 
-def test_round_wall_and_overhead_are_logged_once_the_round_is_evaluated():
-    strategy, tracker = _strategy()
+def test_round_wall_and_overhead_are_logged_once_the_round_is_evaluated(tracker, reply):
+    strategy = _strategy(tracker)
     strategy._round_started = strategy._phase_started = __import__("time").perf_counter()
-    strategy.aggregate_train(4, [_reply(11, "plant-1", 1.0, 10, 0.5), _reply(12, "plant-2", 4.0, 30, 0.9)])
+    strategy.aggregate_train(4, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 4.0, 30, 0.9)])
     strategy.aggregate_evaluate(4, [])
     assert tracker.metrics[("round_overhead_s", 4)] == pytest.approx(tracker.metrics[("round_wall_s", 4)] - 0.5)
 
 
-def test_metrics_only_some_plants_report_are_logged_per_plant_and_left_out_of_the_average():
-    strategy, tracker = _strategy()
-    a, b = _reply(11, "plant-1", 1.0, 10, 0.5), _reply(12, "plant-2", 3.0, 10, 0.7)
+def test_metrics_only_some_plants_report_are_logged_per_plant_and_left_out_of_the_average(tracker, reply):
+    strategy = _strategy(tracker)
+    a, b = reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 3.0, 10, 0.7)
     a.content["metrics"]["eval_detection_idv06"] = 0.9
     strategy.aggregate_train(1, [a, b])
     assert tracker.metrics[("plant-1/eval_detection_idv06", 1)] == 0.9
     assert ("eval_detection_idv06", 1) not in tracker.metrics
     assert tracker.metrics[("train_loss", 1)] == pytest.approx(0.6)
+
+
+def test_epsilon_is_logged_per_plant_and_as_the_largest_never_as_an_average(tracker, reply):
+    strategy = _strategy(tracker)
+    a, b = reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 3.0, 30, 0.7)
+    a.content["metrics"]["dp_epsilon"], b.content["metrics"]["dp_epsilon"] = 1.5, 2.5
+    strategy.aggregate_train(1, [a, b])
+    assert tracker.metrics[("plant-1/dp_epsilon", 1)] == 1.5 and tracker.metrics[("plant-2/dp_epsilon", 1)] == 2.5
+    assert tracker.metrics[("dp_epsilon_max", 1)] == 2.5
+    assert ("dp_epsilon", 1) not in tracker.metrics

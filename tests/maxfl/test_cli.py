@@ -1,5 +1,6 @@
 """Bad input through the real `maxfl` command: one line, a non-zero exit, no traceback, nothing left running."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -96,3 +97,38 @@ def test_unknown_model_for_the_task_is_one_line_before_anything_starts(tmp_path)
     result = _maxfl("federate", "--task", "table", "--set", "model=resnet", "--workdir", str(tmp_path))
     _assert_one_line_error(result, "no model 'resnet'", "mlp", "linear")
     assert not (tmp_path / "plants").exists()
+
+
+def _ledger_with_two_rounds(path: Path) -> None:
+    from privacy.budget import PlantPrivacy, authorize_round
+    from privacy.ledger import Ledger
+    from privacy.plan import PrivacyPlan
+
+    plant = PlantPrivacy(ledger=Ledger(path, "plant-1"), max_epsilon=8.0, delta=1e-5)
+    for r in (1, 2):
+        authorize_round(plant, PrivacyPlan(target_epsilon=2.0), fingerprint="ab" * 32, task="defect", records=400, run_id=77,
+                        server_round=r, epochs=1, batch_size=32, num_rounds=2)
+
+
+def test_ledger_shows_what_the_plant_spent_against_its_ceiling(tmp_path):
+    path = tmp_path / "plant-1.json"
+    _ledger_with_two_rounds(path)
+    node_config = f'plant-id="plant-1" data-dir="{tmp_path}" max-epsilon=8 ledger="{path}"'
+    out = _maxfl("ledger", "--node-config", node_config)
+    assert out.returncode == 0, out.stderr
+    assert "abababababab" in out.stdout and "defect" in out.stdout and "77" in out.stdout
+    data = json.loads(_maxfl("ledger", "--node-config", node_config, "--json").stdout)
+    (data_set,) = data["data-sets"]
+    assert data_set["rounds"] == 2 and data_set["max_epsilon"] == 8.0
+    assert 1.9 <= data_set["epsilon"] <= 2.0 and data_set["remaining"] == pytest.approx(8.0 - data_set["epsilon"])
+
+
+def test_ledger_edited_by_hand_is_one_line_saying_how_to_fix_it(tmp_path):
+    path = tmp_path / "plant-1.json"
+    _ledger_with_two_rounds(path)
+    path.write_text(path.read_text().replace('"steps": ', '"steps": 1', 1))
+    _assert_one_line_error(_maxfl("ledger", "--ledger", str(path)), "changed outside maxfl", "restore the last good copy")
+
+
+def test_ledger_without_a_plant_is_one_line():
+    _assert_one_line_error(_maxfl("ledger"), "--node-config")

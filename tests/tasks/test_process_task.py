@@ -26,11 +26,21 @@ def spec(plant_dirs):
 def test_windows_never_cross_runs_and_take_the_label_of_their_last_sample():
     x = np.arange(10, dtype=np.float32)[:, None].repeat(2, axis=1)
     split = ProcessSplit(x=x, label=np.array([0, 0, 0, 0, 0, 0, 0, 7, 7, 7]), run=np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], dtype=np.int32))
-    w, labels = windows(split, mean=np.zeros(2), std=np.ones(2), length=3)
+    w, labels, offsets = windows(split, mean=np.zeros(2), std=np.ones(2), length=3)
     assert w.shape == (2 + 4, 2, 3)
     firsts = w[:, 0, 0].tolist()
     assert firsts == [0, 1, 4, 5, 6, 7]  # no window starts at 2 or 3: it would span runs 0 and 1
     assert labels.tolist() == [0, 0, 0, 7, 7, 7]
+    assert offsets.tolist() == [0, 1, 0, 1, 2, 3]  # a DP tiling takes offsets 0 and 3: [4,5,6] and [7,8,9]
+
+
+def test_private_records_of_a_plant_share_no_raw_sample(plant_dirs, spec):
+    data = get_task("process").load_plant_data(plant_dirs[0], 42, spec)
+    tiles = data.x_train[data.private_records()]
+    assert 0 < len(tiles) < 2 * len(data.y_train) / spec.window
+    # windows are runs of consecutive samples; a tiling's windows never hold the same sample twice
+    samples = tiles.permute(0, 2, 1).reshape(-1, spec.variables)
+    assert len(torch.unique(samples, dim=0)) == len(samples)
 
 
 def test_normalisation_uses_only_fault_free_samples():
