@@ -68,6 +68,8 @@ def plot(task_name: str, arms: dict[str, Any], path: Path) -> None:
         if no_dp is not None:
             ax.axhline(no_dp["scores"]["pooled"].get(metric, float("nan")), ls="--", color="grey", label="pooled, no DP")
         ax.set_xscale("log")
+        ax.set_xticks([a["epsilon"] for a in finite], [f"{a['epsilon']:g}" for a in finite])
+        ax.minorticks_off()
         ax.set_xlabel("epsilon per plant (delta 1e-5)")
         ax.set_title(metric.removeprefix("eval_") + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
     axes[0].legend(fontsize=7)
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1,3,8,none", help="comma-separated; 'none' = no DP")
     parser.add_argument("--examples-per-plant", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=Path(".maxfl-bench"))
+    parser.add_argument("--name", default="", help="results file name (default privacy-utility-<task>); for repeats")
     args = parser.parse_args()
     epsilons = [math.inf if e.strip() == "none" else float(e) for e in args.epsilons.split(",")]
 
@@ -132,9 +135,10 @@ def run(args: argparse.Namespace, epsilons: list[float], anchor: LocalFederation
     for what, value, met in checks:
         print(f"{'PASS' if met else 'FAIL'}  {what}: {value:.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    png = RESULTS / f"privacy-utility-{args.task}.png"
+    name = args.name or f"privacy-utility-{args.task}"
+    png = RESULTS / f"{name}.png"
     plot(args.task, arms, png)
-    out = RESULTS / f"privacy-utility-{args.task}.json"
+    out = RESULTS / f"{name}.json"
     atomic_write_text(out, json.dumps({"task": args.task, "delta": DELTA, "args": {k: str(v) for k, v in vars(args).items()},
                                        "arms": arms, "targets": [{"what": w, "value": v, "met": m} for w, v, m in checks]},
                                       indent=2, default=str))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from unittest import mock
@@ -54,7 +55,7 @@ def test_ceiling_is_never_exceeded_and_nothing_sent_is_missing(tmp_path_factory,
             fate = run["fates"][server_round - 1]
             plant = PlantPrivacy(ledger=Ledger(path, "plant-1"), max_epsilon=ceiling, delta=delta)  # a fresh process each round
             try:
-                with mock.patch.object(os, "replace", side_effect=_Killed) if fate == "killed-while-recording" else mock.MagicMock():
+                with mock.patch.object(os, "replace", side_effect=_Killed) if fate == "killed-while-recording" else contextlib.nullcontext():
                     grant = authorize_round(plant, run["plan"], fingerprint=FP, task="defect", records=run["records"], run_id=run_id,
                                             server_round=server_round, epochs=run["epochs"], batch_size=run["batch_size"],
                                             num_rounds=run["rounds"])

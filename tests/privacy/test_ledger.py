@@ -1,6 +1,7 @@
 import json
 import multiprocessing
 import os
+from pathlib import Path
 
 import pytest
 
@@ -96,7 +97,7 @@ def test_a_write_interrupted_before_the_rename_leaves_the_previous_ledger(ledger
 
 def _worker(path: str, run_id: int) -> None:
     for r in range(1, 6):
-        _append(Ledger(__import__("pathlib").Path(path), "plant-1"), run_id=run_id, server_round=r)
+        _append(Ledger(Path(path), "plant-1"), run_id=run_id, server_round=r)
 
 
 def test_concurrent_rounds_on_one_plant_lose_no_record(ledger):
