@@ -68,7 +68,7 @@ class PlantConfig(FlowerSettings, extra="ignore"):
         """The `--node-config` string for `flower-supernode`."""
         parts = [f'plant-id="{self.plant_id}"', f'data-dir="{self.data_dir}"', f"delta={self.delta!r}"]
         if self.max_epsilon is not None:
-            parts.append(f'max-epsilon="inf"' if self.max_epsilon == float("inf") else f"max-epsilon={self.max_epsilon!r}")
+            parts.append('max-epsilon="inf"' if self.max_epsilon == float("inf") else f"max-epsilon={self.max_epsilon!r}")
         if self.ledger is not None:
             parts.append(f'ledger="{self.ledger}"')
         return " ".join(parts)
