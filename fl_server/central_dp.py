@@ -47,7 +47,7 @@ class CentralDP(Strategy):
         return self.dp.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        from privacy.accountant import Mechanism, epsilon
+        from privacy.accountant import Mechanism, epsilon  # here: Opacus is a 3 s import the anchor needs only for central DP
 
         replies = list(replies)
         for msg in replies:

@@ -13,10 +13,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fl_server.config import RunConfig
 from fl_server.tracking import RunTracker
-from maxfl.messages import METRICS, PLANT, WEIGHT_KEY
+from maxfl.messages import METRICS, PLANT, PRIVACY_PREFIX, WEIGHT_KEY
 
 log = logging.getLogger("maxfl")
-PRIVACY_PREFIX = "dp_"  # metrics a plant's privacy budget reports (privacy.budget.RoundGrant)
 
 
 class RunAborted(RuntimeError):

@@ -15,6 +15,7 @@ METRICS = "metrics"
 PLANT = "plant"  # ConfigRecord in every reply: which plant answered (node ids are opaque)
 PROFILE = "profile"  # ConfigRecord key in a query reply: the plant's DataProfile as JSON
 WEIGHT_KEY = "num-examples"
+PRIVACY_PREFIX = "dp_"  # a train reply's privacy figures (privacy.budget): dp_epsilon, dp_noise_multiplier, ...
 
 
 class DataQuery(FlowerSettings, extra="ignore"):

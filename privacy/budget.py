@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from maxfl.errors import ConfigError, UserError
+from maxfl.messages import PRIVACY_PREFIX
 from privacy.accountant import Mechanism, epsilon, plan_noise_multiplier, poisson_schedule
 from privacy.ledger import DataSetRecord, Ledger, new_entry
 from privacy.plan import PrivacyPlan
@@ -50,7 +51,12 @@ class RoundGrant:
         return kept | self.metrics
 
 
-def _noise_multiplier(plan: PrivacyPlan, delta: float, sample_rate: float, steps: int, num_rounds: int) -> float:
+def _noise_multiplier(plan: PrivacyPlan, data_set: DataSetRecord, run_id: int, delta: float, sample_rate: float, steps: int,
+                      num_rounds: int) -> float:
+    """The run's noise multiplier: planned once (up to a third of a second), then read back from the ledger."""
+    for entry in data_set.entries:
+        if (entry.run_id, entry.delta, entry.sample_rate, entry.steps) == (run_id, delta, sample_rate, steps):
+            return entry.noise_multiplier
     if plan.privacy == "none":
         return 0.0
     if plan.target_epsilon > 0.0:
@@ -72,10 +78,10 @@ def authorize_round(
         raise CeilingReached(f"the run asks to train without differential privacy; this plant trains only with DP "
                              f"(its ceiling is epsilon {plant.max_epsilon:g}, set in its node config)")
     sample_rate, steps = poisson_schedule(records, batch_size, epochs)
-    sigma = _noise_multiplier(plan, plant.delta, sample_rate, steps, num_rounds)
-    mechanism = Mechanism(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
     with plant.ledger.transaction() as state:
         data_set = state.data_sets.setdefault(fingerprint, DataSetRecord(task=task, records=records))
+        sigma = _noise_multiplier(plan, data_set, run_id, plant.delta, sample_rate, steps, num_rounds)
+        mechanism = Mechanism(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
         spent = data_set.spent(plant.delta)
         after = epsilon([*data_set.mechanisms(), mechanism], plant.delta)
         if after > plant.max_epsilon:
@@ -87,14 +93,15 @@ def authorize_round(
         data_set.entries.append(new_entry(mechanism, run_id=run_id, server_round=server_round, delta=plant.delta,
                                           max_grad_norm=plan.max_grad_norm, epsilon_after=after))
         spent_in_run = data_set.spent_in_run(run_id, plant.delta)
-    metrics = {
-        "dp_epsilon": after,
-        "dp_epsilon_run": spent_in_run,
-        "dp_epsilon_ceiling": plant.max_epsilon,
-        "dp_delta": plant.delta,
-        "dp_noise_multiplier": sigma,
-        "dp_sample_rate": sample_rate,
-        "dp_steps": float(steps),
-        "dp_max_grad_norm": plan.max_grad_norm,
+    figures = {
+        "epsilon": after,
+        "epsilon_run": spent_in_run,
+        "epsilon_ceiling": plant.max_epsilon,
+        "delta": plant.delta,
+        "noise_multiplier": sigma,
+        "sample_rate": sample_rate,
+        "steps": float(steps),
+        "max_grad_norm": plan.max_grad_norm,
     }
+    metrics = {f"{PRIVACY_PREFIX}{k}": v for k, v in figures.items()}
     return RoundGrant(mechanism=mechanism, max_grad_norm=plan.max_grad_norm, metrics=metrics)

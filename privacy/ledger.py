@@ -151,10 +151,8 @@ class Ledger:
         with open(self.path.parent / f".{self.path.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self.read()
-            before = state.model_dump_json()
             yield state
-            if state.model_dump_json() != before:
-                self.write(state)
+            self.write(state)
 
 
 def new_entry(mechanism: Mechanism, *, run_id: int, server_round: int, delta: float, max_grad_norm: float, epsilon_after: float) -> LedgerEntry:

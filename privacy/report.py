@@ -35,7 +35,7 @@ class DataSetSpend(BaseModel):
 
 def spending(state: LedgerState, delta: float, max_epsilon: float | None) -> list[DataSetSpend]:
     out = []
-    for fingerprint, data_set in sorted(state.data_sets.items(), key=lambda kv: kv[1].entries[-1].recorded_at if kv[1].entries else datetime.min):
+    for fingerprint, data_set in sorted(state.data_sets.items(), key=lambda kv: kv[1].entries[-1].recorded_at.timestamp() if kv[1].entries else 0.0):
         spent = data_set.spent(delta)
         runs = [RunSpend(run_id=r, rounds=sum(e.run_id == r for e in data_set.entries), epsilon=data_set.spent_in_run(r, delta))
                 for r in data_set.runs()]
