@@ -12,7 +12,10 @@ from torch import nn
 from fl_client.config import PlantConfig
 from fl_client.mods import central_clipping_mod, plant_declines_mod
 from maxfl.errors import ConfigError
-from maxfl.messages import ARRAYS, CONFIG, METRICS, PLANT, PROFILE, WEIGHT_KEY, DataQuery, RoundInstructions
+from maxfl.messages import (
+    ACK, ARRAYS, CONFIG, DEPLOY, METRICS, ONNX, PLANT, PROFILE, RELEASE, WEIGHT_KEY, DataQuery, DeployAck, RoundInstructions,
+)
+from maxfl.release import ReleaseManifest
 from maxfl.weights import pack, unpack_into
 from privacy.budget import authorize_round
 from privacy.dpsgd import DPSGD
@@ -75,7 +78,46 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate on the plant's held-out split. With an ONNX file attached (the release gate), also measure how far
+    the export's outputs are from the torch model's on these real records."""
     plant, _, task, spec, data = _prepare(msg, context)
-    metrics = task.evaluate(_load_model(task, spec, msg), data, spec)
+    model = _load_model(task, spec, msg)
+    metrics = task.evaluate(model, data, spec)
     metrics[WEIGHT_KEY] = len(data.y_test)
+    if ONNX in msg.content.config_records:
+        from maxfl import onnx_model
+
+        try:
+            session = onnx_model.session(bytes(msg.content[ONNX]["model"]))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(f"the anchor sent an ONNX file that does not load: {exc}") from None
+        metrics["onnx_max_abs_diff"] = onnx_model.max_deviation(session, model, data.x_test.numpy())
     return _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics)}))
+
+
+@app.query(DEPLOY)
+def deploy(msg: Message, context: Context) -> Message:
+    """Install an approved model in the plant's edge store. The hash is checked before anything is written and
+    a refused model leaves the previous one serving; either way the anchor is told."""
+    from edge.store import EdgeStore, EdgeStoreError
+
+    plant = PlantConfig.from_context(context)
+    record = msg.content[RELEASE]
+    try:
+        manifest = ReleaseManifest.model_validate_json(str(record["manifest"]))
+    except ValidationError as exc:
+        raise ConfigError(f"the anchor sent an unreadable release manifest ({exc.error_count()} error(s))") from None
+    targets = [t for t in str(record.get("targets", "")).split(",") if t]
+    store = EdgeStore(plant.edge_store_path())
+    serving = 0
+    try:
+        current = store.current(manifest.model_name)
+        serving = current.manifest.version if current else 0
+        if targets and plant.plant_id not in targets:
+            ack = DeployAck(status="not-targeted", version=manifest.version, serving=serving)
+        else:
+            outcome = store.install(manifest, bytes(msg.content[ONNX]["model"]))  # type: ignore[arg-type]
+            ack = DeployAck(status=outcome.status, version=manifest.version, serving=outcome.version)
+    except EdgeStoreError as exc:  # a damaged store refuses too, saying what to repair
+        ack = DeployAck(status="refused", version=manifest.version, serving=serving, detail=str(exc))
+    return _reply(msg, plant, RecordDict({ACK: ConfigRecord(ack.to_flower())}))

@@ -35,6 +35,9 @@ class PlantConfig(FlowerSettings, extra="ignore"):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     # The plant's privacy ledger; default $MAXFL_HOME/ledgers/<plant-id>.json (MAXFL_HOME: ~/.maxfl).
     ledger: Path | None = None
+    # The plant's edge model store: approved models the anchor pushed, the one serving and the ones before it.
+    # Default $MAXFL_HOME/edge/<plant-id>.
+    edge_store: Path | None = None
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> PlantConfig:
@@ -47,7 +50,8 @@ class PlantConfig(FlowerSettings, extra="ignore"):
             if not root:
                 raise ConfigError("simulation needs run config 'sim-data-root' (the folder holding plant-1, plant-2, ...)")
             plant_id = f"plant-{int(values['partition-id']) + 1}"
-            values = {"plant-id": plant_id, "data-dir": str(Path(root) / plant_id), "ledger": str(Path(root) / "ledgers" / f"{plant_id}.json")}
+            values = {"plant-id": plant_id, "data-dir": str(Path(root) / plant_id), "ledger": str(Path(root) / "ledgers" / f"{plant_id}.json"),
+                      "edge-store": str(Path(root) / "edge" / plant_id)}
             values |= {key: run[f"sim-{key}"] for key in ("max-epsilon", "delta") if f"sim-{key}" in run}
         return cls.parse(values)
 
@@ -57,6 +61,9 @@ class PlantConfig(FlowerSettings, extra="ignore"):
 
     def ledger_path(self) -> Path:
         return self.ledger or maxfl_home() / "ledgers" / f"{self.plant_id}.json"
+
+    def edge_store_path(self) -> Path:
+        return self.edge_store or maxfl_home() / "edge" / self.plant_id
 
     def privacy(self) -> PlantPrivacy:
         from privacy.budget import PlantPrivacy
@@ -71,4 +78,6 @@ class PlantConfig(FlowerSettings, extra="ignore"):
             parts.append('max-epsilon="inf"' if self.max_epsilon == float("inf") else f"max-epsilon={self.max_epsilon!r}")
         if self.ledger is not None:
             parts.append(f'ledger="{self.ledger}"')
+        if self.edge_store is not None:
+            parts.append(f'edge-store="{self.edge_store}"')
         return " ".join(parts)

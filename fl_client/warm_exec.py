@@ -20,7 +20,7 @@ import time
 log = logging.getLogger("maxfl.warm_exec")
 
 PRELOAD = ("numpy", "pydantic", "torch", "torch.nn", "torch.optim", "opacus", "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
-APP_PACKAGES = ("fl_client", "fl_server", "tasks", "privacy", "maxfl", "experiments")
+APP_PACKAGES = ("fl_client", "fl_server", "tasks", "privacy", "maxfl", "edge", "experiments")
 
 
 def _warm_torch() -> int:

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from maxfl.release import MODEL_NAME_PATTERN
 from privacy.plan import PrivacyPlan
 from tasks import task_names
 
@@ -26,6 +27,8 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     min_plants: int = Field(2, ge=1)
+    # Federated evaluation of the global model every k rounds (and always after the last round).
+    evaluate_every: int = Field(1, ge=1)
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65_536)
     learning_rate: float = Field(0.05, gt=0.0, le=10.0)
@@ -43,6 +46,25 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     central_dp_noise_multiplier: float = Field(1.0, gt=0.0)
     central_dp_clipping_norm: float = Field(1.0, gt=0.0)
     central_dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    # What the ServerApp does: train (then gate, register and push when release is on), or push a registered
+    # version to the plants' edge stores (`maxfl model push` submits such runs).
+    action: Literal["train", "push"] = "train"
+    # After training: evaluate against the champion at every plant, register, and push if the gate passes.
+    release: bool = True
+    registered_model: str = Field("", pattern=rf"^$|{MODEL_NAME_PATTERN}")  # empty: maxfl-<task>
+    # The gate (fl_server.gate): metric (empty: the task's), aggregate margin over the champion, per-plant
+    # tolerance, the floor a first model must clear, and how far the ONNX export may drift from torch.
+    gate_metric: str = ""
+    gate_margin: float = Field(0.005, ge=0.0)
+    gate_tolerance: float = Field(0.02, ge=0.0)
+    # Default 0: no minimum for a first model (for R^2: better than predicting the mean). Set one per task.
+    gate_floor: float = 0.0
+    gate_onnx_tolerance: float = Field(1e-4, gt=0.0)
+    # Push runs: which version (0: the champion), which plants (comma-separated ids; empty: all), and how long
+    # to wait for plants that are offline before leaving them pending.
+    push_version: int = Field(0, ge=0)
+    push_plants: str = ""
+    push_wait_s: float = Field(0.0, ge=0.0, le=86_400.0)
     # Simulation only: virtual plant k reads its data from <sim-data-root>/plant-<k+1>.
     sim_data_root: str = ""
     # Simulation only: the virtual plants' node configs (each plant's ceiling and delta; see PlantConfig).
@@ -55,6 +77,9 @@ class RunConfig(PrivacyPlan, extra="forbid"):
         if value not in task_names():
             raise ValueError(f"unknown task; allowed values: {', '.join(task_names())}")
         return value
+
+    def model_name(self) -> str:
+        return self.registered_model or f"maxfl-{self.task}"
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

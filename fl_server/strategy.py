@@ -70,8 +70,9 @@ class TrackedStrategy(Strategy):
     It also stops the run, with the plants' reasons, when fewer than `min_plants` return an update.
     """
 
-    def __init__(self, inner: Strategy, tracker: RunTracker, min_plants: int, num_rounds: int) -> None:
+    def __init__(self, inner: Strategy, tracker: RunTracker, min_plants: int, num_rounds: int, evaluate_every: int = 1) -> None:
         self.inner = inner
+        self.evaluate_every = evaluate_every
         self.tracker = tracker
         self.min_plants = min_plants
         self.num_rounds = num_rounds
@@ -86,8 +87,14 @@ class TrackedStrategy(Strategy):
         self._round_started = self._phase_started = time.perf_counter()
         return self.inner.configure_train(server_round, arrays, config, grid)
 
+    def evaluates(self, server_round: int) -> bool:
+        """Federated evaluation every `evaluate_every` rounds, and always of the final model."""
+        return server_round % self.evaluate_every == 0 or server_round == self.num_rounds
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._phase_started = time.perf_counter()
+        if not self.evaluates(server_round):
+            return []
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -103,6 +110,8 @@ class TrackedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        if not self.evaluates(server_round):
+            return None
         self._record("eval", server_round, replies)
         metrics = self.inner.aggregate_evaluate(server_round, keep_common_metrics([m for m in replies if not m.has_error()]))
         self._log_aggregate(server_round, metrics)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,10 @@ from torch import nn
 
 import maxfl
 from fl_server.config import RunConfig
+from fl_server.gate import GateReport
+from fl_server.registry import RELEASE_DIR, SHA_TAG, WEIGHTS_FILE, EdgeRecord
 from maxfl.errors import ConfigError
+from maxfl.release import MANIFEST_FILE, ONNX_FILE, ReleaseManifest
 
 log = logging.getLogger("maxfl")
 
@@ -46,10 +51,14 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 class RunTracker:
     """Logs into one active MLflow run; created by `tracked_run`."""
 
-    def __init__(self, mlflow_module: Any, run_id: str) -> None:
+    def __init__(self, mlflow_module: Any, run_id: str, tracking_uri: str, git_commit: str = "") -> None:
         self._mlflow = mlflow_module
         self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.git_commit = git_commit
         self.plants: set[str] = set()
+        self.latest: dict[str, float] = {}  # every metric's last logged value: the lineage of the run's model
+        self.fingerprints: dict[str, str] = {}  # plant -> SHA-256 of the data it trained on
 
     def note_plants(self, plants: list[str]) -> None:
         if not set(plants) <= self.plants:
@@ -58,6 +67,7 @@ class RunTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+        self.latest.update(finite)
         # Asynchronous: a round does not wait for the tracking server; the run's end flushes the queue.
         self._mlflow.log_metrics(finite, step=step, synchronous=False)
 
@@ -65,19 +75,55 @@ class RunTracker:
         """The merged spec and each plant's profile (schema, statistics, data fingerprint), for lineage."""
         self._mlflow.log_dict(spec.model_dump(mode="json"), "data/task-spec.json")
         self._mlflow.log_dict({p: prof.model_dump(mode="json", by_alias=True) for p, prof in profiles.items()}, "data/profiles.json")
-        self._mlflow.set_tags({f"maxfl.data.{p}": getattr(prof, "fingerprint", "")[:16] for p, prof in profiles.items()})
+        self.fingerprints = {p: str(getattr(prof, "fingerprint", "")) for p, prof in profiles.items()}
+        self._mlflow.set_tags({f"maxfl.data.{p}": fp[:16] for p, fp in self.fingerprints.items()})
 
-    def log_model(self, model: nn.Module, input_example: np.ndarray) -> None:
+    def log_model(self, model: nn.Module, input_example: np.ndarray) -> str:
+        """Log the torch model (pt2); returns its `models:/` URI for the registry."""
         import mlflow.pytorch
 
         model.eval()
-        mlflow.pytorch.log_model(
+        info = mlflow.pytorch.log_model(
             model,
             name="model",
             serialization_format="pt2",
             input_example=input_example,
             pip_requirements=MODEL_PIP_REQUIREMENTS,
         )
+        return str(info.model_uri)
+
+    def log_gate(self, report: GateReport, candidate: Mapping[str, Mapping[str, float]], champion: Mapping[str, Mapping[str, float]] | None) -> None:
+        """The gate's report (markdown and JSON) and the full per-plant evaluation table of both models."""
+        import pandas as pd
+
+        self._mlflow.log_text(report.markdown(), "gate/report.md")
+        self._mlflow.log_dict(report.model_dump(mode="json"), "gate/report.json")
+        rows = [{"model": "candidate", "plant": p, **m} for p, m in sorted(candidate.items())]
+        rows += [{"model": "champion", "plant": p, **m} for p, m in sorted((champion or {}).items())]
+        if rows:
+            self._mlflow.log_table(pd.DataFrame(rows), "gate/evaluation.json")
+        metrics = {"gate_passed": float(report.passed)}
+        if report.candidate_aggregate is not None:
+            metrics[f"gate_candidate_{report.rule.metric}"] = report.candidate_aggregate
+        if report.champion_aggregate is not None:
+            metrics[f"gate_champion_{report.rule.metric}"] = report.champion_aggregate
+        self._mlflow.log_metrics(metrics)
+        self._mlflow.set_tag("maxfl.gate", report.summary)
+
+    def log_release(self, manifest: ReleaseManifest, onnx: bytes, weights: np.ndarray) -> None:
+        """The exact bytes a plant will verify, with the weights a later gate evaluates the champion from."""
+        with tempfile.TemporaryDirectory(prefix="maxfl-release-") as tmp:
+            folder = Path(tmp)
+            (folder / ONNX_FILE).write_bytes(onnx)
+            np.save(folder / WEIGHTS_FILE, weights, allow_pickle=False)
+            (folder / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+            self._mlflow.log_artifacts(str(folder), RELEASE_DIR)
+        self._mlflow.set_tags({"maxfl.release": manifest.label, SHA_TAG: manifest.sha256})
+
+    def log_push(self, records: list[EdgeRecord]) -> None:
+        self._mlflow.log_dict({"plants": [r.model_dump(mode="json") for r in records]}, "push/acks.json")
+        for status in ("installed", "pending", "refused"):
+            self._mlflow.log_metric(f"push_{status}", float(sum(r.status == status for r in records)))
 
 
 @contextmanager
@@ -96,9 +142,11 @@ def tracked_run(cfg: RunConfig, flwr_run_id: int, fab_hash: str) -> Iterator[Run
         "flwr.version": flwr.__version__,
         "maxfl.version": maxfl.__version__,
         "maxfl.task": cfg.task,
+        "maxfl.action": cfg.action,
         "mlflow.source.git.commit": os.environ.get("MAXFL_GIT_COMMIT", ""),
         "python.version": platform.python_version(),
     }
-    with mlflow.start_run(run_name=f"{cfg.task}-flwr-{flwr_run_id}", tags={k: v for k, v in tags.items() if v}) as run:
+    name = cfg.task if cfg.action == "train" else f"push-{cfg.model_name()}"
+    with mlflow.start_run(run_name=f"{name}-flwr-{flwr_run_id}", tags={k: v for k, v in tags.items() if v}) as run:
         mlflow.log_params(cfg.to_flower())
-        yield RunTracker(mlflow, run.info.run_id)
+        yield RunTracker(mlflow, run.info.run_id, uri, tags["mlflow.source.git.commit"])

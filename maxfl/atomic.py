@@ -21,12 +21,12 @@ def atomic_path(target: Path) -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the rename itself durable: without it a power cut can bring the old file back."""
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -80,6 +80,8 @@ def federate(
     console.print(f"MLflow URL:    {result.mlflow_url}")
     for line in result.privacy:
         console.print(f"privacy ledger {line}")
+    for line in result.release:
+        console.print(line)
     if json_out is not None:
         from maxfl.atomic import atomic_write_text
 
@@ -171,6 +173,18 @@ def ledger(
             runs.add_row(s.fingerprint[:12], str(r.run_id), str(r.rounds), f"{r.epsilon:.3f}")
     console.print(runs)
     console.print("epsilon spent composes every round of every run (RDP); per-run values do not add up to it")
+
+
+def _add_role_commands() -> None:
+    """`maxfl model ...` (anchor) and `maxfl edge ...` (plant): each role's commands live with its package."""
+    from edge.cli import app as edge_app
+    from fl_server.model_cli import app as model_app
+
+    app.add_typer(model_app, name="model")
+    app.add_typer(edge_app, name="edge")
+
+
+_add_role_commands()
 
 
 def main() -> None:

@@ -15,6 +15,10 @@ METRICS = "metrics"
 PLANT = "plant"  # ConfigRecord in every reply: which plant answered (node ids are opaque)
 PROFILE = "profile"  # ConfigRecord key in a query reply: the plant's DataProfile as JSON
 WEIGHT_KEY = "num-examples"
+ONNX = "onnx"  # ConfigRecord {"model": bytes}: a model's ONNX file (gate evaluation, deploy)
+RELEASE = "release"  # ConfigRecord in a deploy message: the ReleaseManifest JSON and the plants it targets
+ACK = "ack"  # ConfigRecord in a deploy reply: what the plant's edge store did (DeployAck)
+DEPLOY = "deploy"  # the ClientApp's query action that installs a released model ("query.deploy")
 PRIVACY_PREFIX = "dp_"  # a train reply's privacy figures (privacy.budget): dp_epsilon, dp_noise_multiplier, ...
 
 
@@ -46,3 +50,14 @@ class RoundInstructions(TrainingPlan):
     source: ClassVar[str] = "round instructions"
 
     server_round: int = Field(ge=1)
+
+
+class DeployAck(FlowerSettings, extra="forbid"):
+    """A plant's answer to a deploy message; `refused` keeps its previous model serving."""
+
+    source: ClassVar[str] = "deploy acknowledgement"
+
+    status: Literal["installed", "activated", "already-current", "refused", "not-targeted"]
+    version: int = Field(ge=0)  # the version the message carried
+    serving: int = Field(0, ge=0)  # the version the plant's store has current afterwards (0: none)
+    detail: str = ""

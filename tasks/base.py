@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -182,6 +182,31 @@ def check_schemas(profiles: Mapping[str, DataProfile], task: str) -> None:
         raise SchemaMismatch(problems)
 
 
+class BadInput(ValueError):
+    """A request the model cannot take (wrong shape or type, not an image, a missing field).
+
+    The edge server answers it with a 4xx and this message; it never reaches the model.
+    """
+
+
+class Serving(Protocol):
+    """How a plant's edge server turns requests into model inputs and model outputs into answers.
+
+    Built from the release's spec (and, where a task normalises by the plant's own statistics, the plant's
+    data), with the same preprocessing code as training, so serving never drifts from what the model learnt.
+    """
+
+    kind: str  # "image" | "window" | "row": what one instance is
+
+    def batch(self, instances: Sequence[Any]) -> np.ndarray:
+        """Model inputs (float32, batch first) for the instances; raises BadInput naming the bad instance."""
+        ...
+
+    def answers(self, outputs: np.ndarray) -> list[dict[str, Any]]:
+        """One JSON-ready answer per instance from the model's outputs (label, probabilities or value)."""
+        ...
+
+
 class Task(Protocol):
     name: str
     models: tuple[str, ...]  # the first is the default
@@ -215,6 +240,10 @@ class Task(Protocol):
     def train(self, model: nn.Module, data: PlantData, settings: TrainSettings, spec: TaskSpec) -> dict[str, float]: ...
 
     def evaluate(self, model: nn.Module, data: PlantData, spec: TaskSpec) -> dict[str, float]: ...
+
+    def serving(self, spec: TaskSpec, data_dir: Path) -> Serving:
+        """The edge server's request adapter for a model trained under `spec`, at the plant whose data is in `data_dir`."""
+        ...
 
 
 def resolve_model(task: Task, options: TaskOptions) -> str:

@@ -73,6 +73,7 @@ class FederationResult:
     tracking_uri: str
     status: str
     privacy: list[str]  # per plant, what its ledger says it has spent
+    release: list[str]  # the gate's verdict, the champion, and what each plant's edge server serves
 
 
 def privacy_summary(plant: PlantConfig) -> str:
@@ -112,6 +113,12 @@ class LocalFederation:
         self._ports: set[int] = set()
         self._mlflow: Managed | None = None
         self.last_server_error = ""
+        self.plants: list[PlantConfig] = []
+        self.edge_urls: dict[str, str] = {}
+        self.tracking_uri = ""
+        self.base_overrides: dict[str, Any] = {}
+        self.cli_home = self.work / "cli"
+        self.superlink = ""
 
     # ---------------------------------------------------------------- steps
     def prepare_data(self, task_name: str, seed: int) -> list[PlantConfig]:
@@ -124,7 +131,8 @@ class LocalFederation:
             atomic_write_text(marker, json.dumps(wanted))
         plants = [
             PlantConfig(plant_id=f"plant-{k}", data_dir=root / f"plant-{k}", max_epsilon=self.s.ceilings.get(f"plant-{k}", self.s.max_epsilon),
-                        delta=self.s.delta, ledger=(self.s.ledger_dir or root / "ledgers") / f"plant-{k}.json")
+                        delta=self.s.delta, ledger=(self.s.ledger_dir or root / "ledgers") / f"plant-{k}.json",
+                        edge_store=root / "edge" / f"plant-{k}")
             for k in range(1, self.s.plants + 1)
         ]
         for plant in plants:
@@ -190,6 +198,16 @@ class LocalFederation:
                                  [str(self.bin / "maxfl-warm-exec"), "--runtime-api-address", runtime, "--insecure",
                                   "--parent-pid", str(node.popen.pid)], env)
 
+    def stop_plant(self, plant_id: str) -> None:
+        """Take a plant's SuperNode (and its executor) offline, as a plant that loses its link would be."""
+        for managed in [m for m in self.procs.procs if m.name in (f"supernode-{plant_id}", f"warm-exec-{plant_id}")]:
+            managed.popen.terminate()
+            managed.popen.wait(timeout=30)
+            self.procs.procs.remove(managed)  # stopped on purpose: the watchdog must not take it for a crash
+
+    def restart_plant(self, plant_id: str) -> None:
+        self.start_plants(self.superlink, [p for p in self.plants if p.plant_id == plant_id])
+
     def _threads_per_plant(self) -> int:
         """Plants on one machine share its cores: oversubscribed torch threads slow every plant down."""
         return max(1, (os.cpu_count() or 1) // self.s.plants)
@@ -247,57 +265,123 @@ class LocalFederation:
         except (ValueError, KeyError, IndexError):
             return "unknown"
 
+    def start_edge_servers(self, plants: list[PlantConfig], model_name: str) -> None:
+        """Each plant's edge model server, serving whatever its edge store holds (nothing yet on a first run)."""
+        for plant in plants:
+            port = self.reserve_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = self.procs.start(
+                f"edge-{plant.plant_id}",
+                [str(self.bin / "maxfl"), "edge", "serve", "--node-config", plant.as_node_config(), "--model", model_name,
+                 "--host", "127.0.0.1", "--port", str(port)],
+                {**self.env, "OMP_NUM_THREADS": "1"},
+            )
+            self.procs.wait_until(f"{plant.plant_id}'s edge server", lambda u=url: _http_answers(f"{u}/health"), STARTUP_TIMEOUT_S, proc)
+            self.edge_urls[plant.plant_id] = url
+
     # ---------------------------------------------------------------- all together
-    def run(self) -> FederationResult:
+    def __enter__(self) -> LocalFederation:
+        """Start MLflow, the SuperLink, the plants (SuperNodes and edge servers); `submit_run` runs on them."""
         cfg = app_run_config(self.s.app_dir, self.s.run_overrides)
         resolve_model(get_task(cfg.task), TaskOptions(model=cfg.model, image_size=cfg.image_size))  # fail before any process starts
         if self.s.tracking_uri and self.s.keep_mlflow:
             raise ConfigError("--keep-mlflow keeps the MLflow server this command starts; with --tracking-uri yours stays up anyway")
         mlflow_port = None if self.s.tracking_uri else self.reserve_port(self.s.mlflow_port, "MLflow", "--mlflow-port")
         superlink_port = self.reserve_port(self.s.superlink_port, "the SuperLink", "--superlink-port")
-        plants = self.prepare_data(cfg.task, cfg.seed)
+        self.plants = self.prepare_data(cfg.task, cfg.seed)
         try:
             if self.s.tracking_uri:
-                tracking_uri = self.s.tracking_uri.rstrip("/")
-                check_reachable(tracking_uri)
+                self.tracking_uri = self.s.tracking_uri.rstrip("/")
+                check_reachable(self.tracking_uri)
             else:
                 assert mlflow_port is not None
-                tracking_uri = self.start_mlflow(mlflow_port)
-            self.echo(f"MLflow tracking server: {tracking_uri}")
-            superlink = self.start_superlink(superlink_port)
+                self.tracking_uri = self.start_mlflow(mlflow_port)
+            self.echo(f"MLflow tracking server: {self.tracking_uri}")
+            superlink = self.superlink = self.start_superlink(superlink_port)
             self.echo(f"SuperLink ({self.s.mode}): {superlink}")
-            overrides = {**self.s.run_overrides, "tracking-uri": tracking_uri}
+            self.base_overrides = {**self.s.run_overrides, "tracking-uri": self.tracking_uri}
             if self.s.mode == "deployment":
-                self.start_plants(superlink, plants)
-                self.echo(f"plants: {', '.join(p.plant_id for p in plants)} (SuperNodes started)")
+                self.start_plants(superlink, self.plants)
+                self.echo(f"plants: {', '.join(p.plant_id for p in self.plants)} (SuperNodes started)")
+                if cfg.release:
+                    self.start_edge_servers(self.plants, cfg.model_name())
+                    self.echo(f"edge servers: {', '.join(f'{p} {u}' for p, u in self.edge_urls.items())}")
             else:
-                overrides |= {"sim-data-root": str(plants[0].data_dir.parent), "sim-max-epsilon": self.s.max_epsilon, "sim-delta": self.s.delta}
-            cli_home = self.write_cli_config(superlink)
-            run_id = self.submit(cli_home, overrides)
-            status = self.run_status(cli_home, run_id)
-            if not status.endswith("completed"):
-                reason = self.last_server_error or "see the ServerApp's output above"
-                raise ProcessError(f"Flower run {run_id} ended as '{status}': {reason} (logs: {self.work / 'logs'})")
-            result = self._result(tracking_uri, cfg.experiment_name, run_id, status, plants)
+                root = str(self.plants[0].data_dir.parent)
+                self.base_overrides |= {"sim-data-root": root, "sim-max-epsilon": self.s.max_epsilon, "sim-delta": self.s.delta}
+            self.cli_home = self.write_cli_config(superlink)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        killed = self.procs.stop_all()
+        if killed:
+            log.warning("had to kill %d process(es) that ignored SIGTERM: %s", len(killed), killed)
+
+    def submit_run(self, overrides: dict[str, Any] | None = None) -> FederationResult:
+        """One Flower run on the started federation (training by default; `action = "push"` pushes a version)."""
+        run_overrides = {**self.base_overrides, **(overrides or {})}
+        cfg = app_run_config(self.s.app_dir, run_overrides)
+        run_id = self.submit(self.cli_home, run_overrides)
+        status = self.run_status(self.cli_home, run_id)
+        if not status.endswith("completed"):
+            reason = self.last_server_error or "see the ServerApp's output above"
+            raise ProcessError(f"Flower run {run_id} ended as '{status}': {reason} (logs: {self.work / 'logs'})")
+        return self._result(cfg, run_id, status)
+
+    def run(self) -> FederationResult:
+        """`maxfl federate`: start everything, train (gate, register, push), show what the edge serves, stop."""
+        with self:
+            result = self.submit_run()
             if self.s.keep_mlflow:
                 self._serve_mlflow_until_interrupted(result)
             return result
-        finally:
-            killed = self.procs.stop_all()
-            if killed:
-                log.warning("had to kill %d process(es) that ignored SIGTERM: %s", len(killed), killed)
 
-    def _result(self, tracking_uri: str, experiment: str, run_id: int, status: str, plants: list[PlantConfig]) -> FederationResult:
+    def edge_health(self, plant: str) -> dict[str, Any]:
+        return httpx.get(f"{self.edge_urls[plant]}/health", timeout=5.0).json()
+
+    def wait_for_edge(self, version: int | None, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+        """Each edge server's health once it serves `version` (they pick up an install within a second); None: now."""
+        deadline = time.monotonic() + timeout_s
+        health: dict[str, dict[str, Any]] = {}
+        for plant in self.edge_urls:
+            while True:
+                health[plant] = self.edge_health(plant)
+                if version is None or (health[plant].get("model") or {}).get("version") == version or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        return health
+
+    def _result(self, cfg: RunConfig, run_id: int, status: str) -> FederationResult:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
+        client = MlflowClient(self.tracking_uri)
+        exp = client.get_experiment_by_name(cfg.experiment_name)
         runs = client.search_runs([exp.experiment_id], f"tags.`flwr.run_id` = '{run_id}'") if exp else []
         if not runs:
-            raise ProcessError(f"Flower run {run_id} ({status}) left no MLflow run in experiment '{experiment}'; see {self.work / 'logs'}")
+            raise ProcessError(f"Flower run {run_id} ({status}) left no MLflow run in experiment '{cfg.experiment_name}'; see {self.work / 'logs'}")
         mlflow_run = runs[0]
-        url = f"{tracking_uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}"
-        return FederationResult(run_id, mlflow_run.info.run_id, url, tracking_uri, status, [privacy_summary(p) for p in plants])
+        url = f"{self.tracking_uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}"
+        release = self._release_lines(cfg, mlflow_run.data.tags) if cfg.release or cfg.action == "push" else []
+        return FederationResult(run_id, mlflow_run.info.run_id, url, self.tracking_uri, status,
+                                [privacy_summary(p) for p in self.plants] if cfg.action == "train" else [], release)
+
+    def _release_lines(self, cfg: RunConfig, tags: dict[str, str]) -> list[str]:
+        """The gate's verdict, and what each plant's edge server serves now (once it has the model this run pushed)."""
+        from fl_server.registry import Registry
+
+        lines = [f"gate {tags['maxfl.gate']}"] if "maxfl.gate" in tags else []
+        champion = Registry(self.tracking_uri, cfg.model_name()).champion()
+        if champion is not None:
+            lines.append(f"champion: {cfg.model_name()} v{champion.version}")
+        pushed = champion.version if champion is not None and tags.get("maxfl.gate", "").startswith("passed") else None
+        for plant, health in self.wait_for_edge(pushed).items():
+            model = health.get("model") or {}
+            serving = f"{model.get('name')} v{model.get('version')}" if model else "no model"
+            lines.append(f"{plant} edge server {self.edge_urls[plant]} serves {serving}")
+        return lines
 
     def _serve_mlflow_until_interrupted(self, result: FederationResult) -> None:
         self.echo(f"MLflow stays up for browsing at {result.mlflow_url} — press Ctrl-C to stop it")
@@ -333,6 +417,15 @@ class _Watchdog(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=2)
+
+
+def _http_answers(url: str) -> bool:
+    """Any HTTP answer: an edge server with no model yet answers 503 and is up all the same."""
+    try:
+        httpx.get(url, timeout=1.0)
+        return True
+    except httpx.HTTPError:
+        return False
 
 
 def _http_ok(url: str) -> bool:

@@ -10,10 +10,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.base import DataProfile, PlantData, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
+from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
 from tasks.classification import evaluate_classifier, train_classifier
 from tasks.defect.data import IMAGE_SIZE, load_plant_shard, write_plant_shards
 from tasks.defect.model import DefectCNN
+from tasks.defect.serving import defect_serving
 
 CLASSES = ("good", "defective")
 
@@ -73,6 +74,11 @@ class DefectTask:
 
     def evaluate(self, model: nn.Module, data: PlantData, spec: TaskSpec) -> dict[str, float]:
         return evaluate_classifier(model, data, spec.num_classes)
+
+    def serving(self, spec: TaskSpec, data_dir: Path) -> Serving:
+        """Cell images of any format, size and colour; the plant's shard is not needed, preprocessing is per image."""
+        assert isinstance(spec, DefectSpec)
+        return defect_serving(spec.classes)
 
 
 TASK = DefectTask()

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from maxfl.errors import DataError
-from tasks.base import DataProfile, PlantData, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
+from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
 from tasks.classification import evaluate_classifier, train_classifier
 from tasks.defect import flip_augment
 from tasks.defect.data import preprocess
@@ -149,6 +149,14 @@ class ImagesTask:
 
     def evaluate(self, model: nn.Module, data: PlantData, spec: TaskSpec) -> dict[str, float]:
         return evaluate_classifier(model, data, spec.num_classes)
+
+    def serving(self, spec: TaskSpec, data_dir: Path) -> Serving:
+        """Images of any format and size, converted to the federation's mode; standardisation is per image,
+        so the plant's folder is not needed."""
+        assert isinstance(spec, ImagesSpec)
+        from tasks.images.serving import images_serving  # it imports this module's spec and standardise
+
+        return images_serving(spec)
 
 
 TASK = ImagesTask()

@@ -26,9 +26,10 @@ from torch import nn
 
 from maxfl.atomic import atomic_path, atomic_write_text
 from maxfl.errors import DataError
-from tasks.base import DataProfile, PlantData, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
+from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
 from tasks.classification import classification_metrics, predict_logits, train_classifier
 from tasks.process.model import ProcessCNN, ProcessMLP
+from tasks.process.serving import ProcessServing
 from tasks.process.simulate import N_VARIABLES, PlantProcessSpec, cache_path, generate, load_recording
 from tasks.process.windows import normal_statistics, windows
 
@@ -160,6 +161,16 @@ class ProcessTask:
         metrics.update(detection_metrics(logits.softmax(1), data.y_test, spec))
         metrics["eval_time_s"] = time.perf_counter() - started
         return metrics
+
+    def serving(self, spec: TaskSpec, data_dir: Path) -> Serving:
+        """Windows are normalised by this plant's own fault-free statistics, as in training: read its recording once here."""
+        assert isinstance(spec, ProcessSpec)
+        path = data_dir / RECORDING_FILE
+        rec = load_recording(path)
+        if len(rec.variable_names) != spec.variables:
+            raise DataError(f"{path} records {len(rec.variable_names)} variables, the model's spec has {spec.variables}")
+        mean, std = normal_statistics(rec.train)
+        return ProcessServing(spec.classes, spec.window, spec.variables, spec.alarm_below, mean, std)
 
 
 def detection_metrics(proba: torch.Tensor, y: torch.Tensor, spec: TaskSpec) -> dict[str, float]:

@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 from maxfl.errors import DataError
-from tasks.base import DataProfile, PlantData, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
+from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
 from tasks.classification import evaluate_classifier, train_classifier
-from tasks.manifest import Manifest, fingerprint, load_manifest
+from tasks.manifest import MANIFEST_FILE, Manifest, fingerprint, load_manifest
 from tasks.table.demo import write_quality_plants
 from tasks.table.encode import check_manifest_fits, encode_features, encode_target
 from tasks.table.model import build_table_model
 from tasks.table.read import RawTable, read_table
 from tasks.table.regression import evaluate_regressor, train_regressor
+from tasks.table.serving import TableServing, csv_missing_marks
 from tasks.table.spec import TableProfile, TableSpec, merge_profiles, table_profile
 
 __all__ = ["TASK", "TableProfile", "TableSpec", "TableTask"]
@@ -83,6 +84,13 @@ class TableTask:
             assert spec.target_scaling is not None
             return evaluate_regressor(model, data, spec.target_scaling)
         return evaluate_classifier(model, data, spec.num_classes)
+
+    def serving(self, spec: TaskSpec, data_dir: Path) -> Serving:
+        """Rows encoded by the spec alone; the plant's manifest only says whether its table is a CSV, whose
+        reader took texts such as "NA" for missing cells, so its requests must too."""
+        assert isinstance(spec, TableSpec)
+        csv = (data_dir / MANIFEST_FILE).is_file() and load_manifest(data_dir, kind="table").path.lower().endswith(".csv")
+        return TableServing(spec, csv_missing_marks() if csv else frozenset())
 
 
 TASK = TableTask()

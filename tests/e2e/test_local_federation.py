@@ -19,16 +19,17 @@ pytestmark = pytest.mark.e2e
 ROUNDS = 2
 
 
-def _federation(tmp_path, mode: str = "deployment", **options) -> LocalFederation:
+def _federation(tmp_path, mode: str = "deployment", release: bool = True, **options) -> LocalFederation:
+    """`release=False` for tests about something else: training then skips the gate, registry and push."""
     settings = FederationSettings(
         app_dir=find_app_dir(), workdir=tmp_path / "work", mode=mode, plants=options.pop("plants", 2), examples_per_plant=80,
-        run_overrides={"num-server-rounds": ROUNDS}, **options,
+        run_overrides={"num-server-rounds": ROUNDS, "release": release}, **options,
     )
     return LocalFederation(settings, echo=print)
 
 
-def _federate(tmp_path, mode: str) -> tuple:
-    federation = _federation(tmp_path, mode)
+def _federate(tmp_path, mode: str, release: bool = True) -> tuple:
+    federation = _federation(tmp_path, mode, release)
     return federation, federation.run()
 
 
@@ -90,12 +91,14 @@ def _assert_nothing_left(federation: LocalFederation) -> None:
 def test_deployment_two_plants_two_rounds_tracked_in_mlflow(tmp_path):
     federation, result = _federate(tmp_path, "deployment")
     assert result.status == "finished:completed"
+    # the whole chain by default: the gate's verdict and what each plant's edge server serves are reported
+    assert result.release[0].startswith("gate ") and sum("edge server" in line for line in result.release) == 2
     _assert_tracked(tmp_path, result)
     _assert_nothing_left(federation)
 
 
 def test_simulation_engine_runs_the_same_app(tmp_path):
-    federation, result = _federate(tmp_path, "simulation")
+    federation, result = _federate(tmp_path, "simulation", release=False)  # release in simulation: test_tasks_federated.py
     assert result.status == "finished:completed"
     _assert_tracked(tmp_path, result)
     _assert_nothing_left(federation)
@@ -114,7 +117,7 @@ def test_a_plant_with_corrupt_data_declines_and_the_run_stops_naming_it(tmp_path
 
 
 def test_a_plant_at_its_ceiling_declines_and_the_others_carry_on(tmp_path):
-    federation = _federation(tmp_path, plants=3, ceilings={"plant-3": 0.5})
+    federation = _federation(tmp_path, release=False, plants=3, ceilings={"plant-3": 0.5})
     result = federation.run()
     assert result.status == "finished:completed"
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow' / 'mlflow.db'}")
@@ -135,7 +138,7 @@ def test_ctrl_c_stops_every_process_the_command_started(tmp_path):
     workdir = tmp_path / "work"
     proc = subprocess.Popen(
         [sys.executable, "-m", "maxfl", "federate", "--plants", "2", "--rounds", "50", "--examples-per-plant", "40",
-         "--workdir", str(workdir)],
+         "--workdir", str(workdir), "--set", "release=false"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -168,7 +171,7 @@ def test_keep_mlflow_serves_the_finished_run_until_ctrl_c(tmp_path):
     workdir = tmp_path / "work"
     proc = subprocess.Popen(
         [sys.executable, "-m", "maxfl", "federate", "--plants", "2", "--rounds", "1", "--examples-per-plant", "40",
-         "--workdir", str(workdir), "--keep-mlflow"],
+         "--workdir", str(workdir), "--keep-mlflow", "--set", "release=false"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -1,6 +1,9 @@
 import numpy as np
 import pytest
 
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAvg
+
 from fl_server.config import RunConfig
 from fl_server.strategy import RunAborted, TrackedStrategy, build_strategy
 
@@ -73,3 +76,10 @@ def test_epsilon_is_logged_per_plant_and_as_the_largest_never_as_an_average(trac
     assert tracker.metrics[("plant-1/dp_epsilon", 1)] == 1.5 and tracker.metrics[("plant-2/dp_epsilon", 1)] == 2.5
     assert tracker.metrics[("dp_epsilon_max", 1)] == 2.5
     assert ("dp_epsilon", 1) not in tracker.metrics
+
+
+def test_federated_evaluation_every_k_rounds_and_always_the_final_model(tracker):
+    strategy = TrackedStrategy(FedAvg(), tracker, min_plants=1, num_rounds=7, evaluate_every=3)
+    assert [r for r in range(1, 8) if strategy.evaluates(r)] == [3, 6, 7]
+    assert list(strategy.configure_evaluate(2, ArrayRecord(), ConfigRecord(), grid=None)) == []
+    assert strategy.aggregate_evaluate(2, []) is None and tracker.metrics == {}
