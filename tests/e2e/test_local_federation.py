@@ -105,7 +105,7 @@ def test_simulation_engine_runs_the_same_app(tmp_path):
 
 
 def test_a_plant_with_corrupt_data_declines_and_the_run_stops_naming_it(tmp_path):
-    federation = _federation(tmp_path)
+    federation = _federation(tmp_path, release=False)
     plants = federation.prepare_data("defect", seed=42)
     (plants[1].data_dir / "defect.npz").write_bytes(b"not an archive")
     with pytest.raises(ProcessError) as exc:
