@@ -6,16 +6,14 @@ import json
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import click
 import typer
 from rich.console import Console
 
+from fl_client.config import PlantConfig
 from maxfl.errors import ConfigError, UserError
-
-if TYPE_CHECKING:
-    from fl_client.config import PlantConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Plant side: the edge model store and server.")
 console = Console(highlight=False, soft_wrap=True)
@@ -23,18 +21,6 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 NodeConfig = Annotated[str, typer.Option(help="The plant SuperNode's --node-config string (plant-id, data-dir, edge-store).")]
 ModelName = Annotated[str | None, typer.Option("--model", help="Registered model name, e.g. maxfl-defect (default: the store's only one).")]
-
-
-def plant_config(node_config: str) -> PlantConfig:
-    from flwr.common.config import parse_config_args
-
-    from fl_client.config import PlantConfig
-
-    try:
-        values = parse_config_args([node_config])
-    except Exception as exc:  # noqa: BLE001 - Flower raises several kinds for a malformed string
-        raise ConfigError(f"--node-config {node_config!r} is not a node config ({exc}); e.g. 'plant-id=\"plant-1\" data-dir=\"/data\"'") from None
-    return PlantConfig.from_flower(values)
 
 
 def _store(plant: PlantConfig):  # noqa: ANN202 - EdgeStore, imported lazily
@@ -57,7 +43,7 @@ def serve(
     from edge.server import serve as run
 
     logging.getLogger("maxfl.edge").setLevel(logging.INFO)
-    run(plant_config(node_config), model, host, port, threads=threads, max_batch=max_batch, max_body_mb=max_body_mb)
+    run(PlantConfig.from_node_config(node_config), model, host, port, threads=threads, max_batch=max_batch, max_body_mb=max_body_mb)
 
 
 @app.command()
@@ -68,7 +54,7 @@ def status(node_config: NodeConfig, json_: Annotated[bool, typer.Option("--json"
 
     from edge.store import describe
 
-    plant = plant_config(node_config)
+    plant = PlantConfig.from_node_config(node_config)
     store = _store(plant)
     rows = describe(store)
     if json_:
@@ -94,7 +80,7 @@ def status(node_config: NodeConfig, json_: Annotated[bool, typer.Option("--json"
 @app.command()
 def rollback(node_config: NodeConfig, model: ModelName = None) -> None:
     """Go back to the version that was current before; a running server swaps to it within a second."""
-    plant = plant_config(node_config)
+    plant = PlantConfig.from_node_config(node_config)
     outcome = _store(plant).rollback(model)
     console.print(f"{plant.plant_id}: {outcome.model_name} v{outcome.previous} -> v{outcome.version}")
 
@@ -106,7 +92,7 @@ def activate(
     model: ModelName = None,
 ) -> None:
     """Make an installed version current (re-verifying its bytes); a running server swaps to it within a second."""
-    plant = plant_config(node_config)
+    plant = PlantConfig.from_node_config(node_config)
     store = _store(plant)
     if model is None:
         names = store.models()

@@ -56,6 +56,17 @@ class PlantConfig(FlowerSettings, extra="ignore"):
         return cls.parse(values)
 
     @classmethod
+    def from_node_config(cls, text: str) -> PlantConfig:
+        """From the `--node-config` string a plant gives its SuperNode (the plant-side commands take the same)."""
+        from flwr.common.config import parse_config_args
+
+        try:
+            values = parse_config_args([text])
+        except Exception as exc:  # noqa: BLE001 - Flower raises several kinds for a malformed string
+            raise ConfigError(f"--node-config {text!r} is not a node config ({exc}); e.g. 'plant-id=\"plant-1\" data-dir=\"/data\"'") from None
+        return cls.from_flower(values)
+
+    @classmethod
     def from_context(cls, context: Context) -> PlantConfig:
         return cls.from_flower(context.node_config, context.run_config)
 

@@ -86,7 +86,7 @@ def status(model: ModelName = "maxfl-defect", tracking_uri: TrackingUri = "", js
 
 def push_overrides(version: int, plants: list[str], wait_s: float, tracking_uri: str, model: str) -> dict[str, object]:
     return {"action": "push", "push-version": version, "push-plants": ",".join(plants), "push-wait-s": wait_s,
-            "tracking-uri": tracking_uri, "registered-model": model, "release": False}
+            "tracking-uri": tracking_uri, "registered-model": model}
 
 
 @app.command()

@@ -7,7 +7,6 @@ not connected are recorded as pending in the registry; the next run (or `maxfl m
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable
 
@@ -17,15 +16,12 @@ from pydantic import ValidationError
 
 from fl_server.config import RunConfig
 from fl_server.registry import EdgeRecord, Registry, now
-from fl_server.strategy import failure_reason, plant_of
+from fl_server.strategy import failed_plant, failure_reason, plant_of
 from maxfl.errors import UserError
 from maxfl.messages import ACK, DEPLOY, ONNX, RELEASE, DeployAck
 from maxfl.release import ReleaseManifest
 
 log = logging.getLogger("maxfl")
-
-_DECLINED = re.compile(r"^([a-z0-9][a-z0-9_-]*) declined: (.*)$", re.DOTALL)
-
 
 def _deploy_messages(nodes: Iterable[int], manifest: ReleaseManifest, onnx: bytes, targets: set[str] | None) -> list[Message]:
     content = RecordDict({
@@ -38,11 +34,11 @@ def _deploy_messages(nodes: Iterable[int], manifest: ReleaseManifest, onnx: byte
 def _record(msg: Message, manifest: ReleaseManifest) -> EdgeRecord | None:
     """What a plant's reply says, or None when it was not for this plant."""
     if msg.has_error():
-        reason = failure_reason(msg)
-        if m := _DECLINED.match(reason):
-            return EdgeRecord(plant=m.group(1), version=manifest.version, status="refused", at=now(), detail=m.group(2))
-        log.warning("push: %s", reason)
-        return None
+        plant, why = failed_plant(msg)
+        if plant.startswith("node-"):  # not a plant that answered: nothing to record against a plant id
+            log.warning("push: %s", failure_reason(msg))
+            return None
+        return EdgeRecord(plant=plant, version=manifest.version, status="refused", at=now(), detail=why)
     try:
         ack = DeployAck.parse(msg.content[ACK])
     except (KeyError, UserError, ValidationError) as exc:

@@ -17,7 +17,7 @@ from fl_server.config import RunConfig
 from fl_server.gate import GateReport, GateRule, decide
 from fl_server.push import push
 from fl_server.registry import CANDIDATE, CHAMPION, GATE_SUMMARY_TAG, GATE_TAG, SHA_TAG, Registry
-from fl_server.strategy import RunAborted, failure_reason, plant_of
+from fl_server.strategy import RunAborted, failed_plant, failure_reason, plant_of
 from fl_server.tracking import RunTracker
 from maxfl import onnx_model
 from maxfl.messages import ARRAYS, CONFIG, METRICS, ONNX, PRIVACY_PREFIX
@@ -58,9 +58,8 @@ def evaluate_at_plants(
     problems: dict[str, str] = {}
     for msg in replies:
         if msg.has_error():
-            reason = failure_reason(msg)
-            plant = reason.split(" ", 1)[0].rstrip(":")
-            problems[plant] = reason
+            plant, _ = failed_plant(msg)
+            problems[plant] = failure_reason(msg)
             continue
         tables[msg.metadata.group_id][plant_of(msg)] = {k: float(v) for k, v in msg.content[METRICS].items()}  # type: ignore[arg-type]
     for plant in plants:

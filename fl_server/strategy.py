@@ -51,6 +51,12 @@ def failure_reason(msg: Message) -> str:
     return reason if reason.startswith(("plant", "node-")) else f"{plant_of(msg)}: {reason}"
 
 
+def failed_plant(msg: Message) -> tuple[str, str]:
+    """(who, why) of a failed reply: the plant that declined (or the node), and its reason."""
+    who, _, why = failure_reason(msg).partition(" ")
+    return who.rstrip(":"), why.removeprefix("declined: ")
+
+
 def keep_common_metrics(replies: list[Message]) -> list[Message]:
     """Reduce every reply's metrics to the keys all replies share, in place.
 

@@ -18,7 +18,7 @@ from torch import nn
 import maxfl
 from fl_server.config import RunConfig
 from fl_server.gate import GateReport
-from fl_server.registry import RELEASE_DIR, SHA_TAG, WEIGHTS_FILE, EdgeRecord
+from fl_server.registry import GATE_TAG, RELEASE_DIR, SHA_TAG, WEIGHTS_FILE, EdgeRecord
 from maxfl.errors import ConfigError
 from maxfl.release import MANIFEST_FILE, ONNX_FILE, ReleaseManifest
 
@@ -108,7 +108,7 @@ class RunTracker:
         if report.champion_aggregate is not None:
             metrics[f"gate_champion_{report.rule.metric}"] = report.champion_aggregate
         self._mlflow.log_metrics(metrics)
-        self._mlflow.set_tag("maxfl.gate", report.summary)
+        self._mlflow.set_tag(GATE_TAG, report.summary)
 
     def log_release(self, manifest: ReleaseManifest, onnx: bytes, weights: np.ndarray) -> None:
         """The exact bytes a plant will verify, with the weights a later gate evaluates the champion from."""

@@ -139,11 +139,9 @@ def ledger(
     from privacy.report import spending
 
     if node_config is not None:
-        from flwr.common.config import parse_config_args
-
         from fl_client.config import PlantConfig
 
-        plant = PlantConfig.from_flower(parse_config_args([node_config]))
+        plant = PlantConfig.from_node_config(node_config)
         book, delta, ceiling = Ledger(path or plant.ledger_path(), plant.plant_id), plant.delta, plant.max_epsilon
     elif path is not None:
         from fl_client.config import PlantConfig

@@ -18,8 +18,9 @@ from PIL import Image
 
 from tasks.base import BadInput
 
-# PIL's ways of saying "not an image" (as in tasks.images.folder), plus EOFError from some truncated formats
-_NOT_AN_IMAGE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# PIL's ways of saying "not an image" (image folders read with it too); EOFError: some truncated formats sent as bytes
+NOT_AN_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_NOT_AN_IMAGE = (*NOT_AN_IMAGE, EOFError)
 
 
 def check_instances(instances: Sequence[Any]) -> None:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from maxfl.errors import DataError
 from tasks.manifest import MANIFEST_FILE, Manifest
+from tasks.serving import NOT_AN_IMAGE
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -51,7 +52,7 @@ def read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
             img.load()
             found_mode, found_size = img.mode, img.size
             pixels = np.asarray(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's ways of saying "not an image"
+    except NOT_AN_IMAGE as exc:
         reason = " ".join(str(exc).split())
         raise DataError(f"{path} is not a readable image ({reason}); replace or delete it") from None
     if (found_mode, found_size) != (mode, tuple(size)):

@@ -15,7 +15,7 @@ import numpy as np
 from tasks.base import BadInput
 from tasks.process.simulate import ProcessSplit
 from tasks.process.windows import windows
-from tasks.serving import check_instances, class_probabilities
+from tasks.serving import check_instances, class_answers
 
 
 def fault_label(idv: int) -> str:
@@ -68,16 +68,10 @@ class ProcessServing:
         return inputs.numpy().astype(np.float32, copy=False)
 
     def answers(self, outputs: np.ndarray) -> list[dict[str, Any]]:
-        proba = class_probabilities(outputs, len(self.classes))
-        out = []
-        for p in proba:
-            best = int(p.argmax())
-            out.append({
-                "label": self.labels[best],
-                "fault": int(self.classes[best]),
-                # the alarm rule of detection_metrics: normal operation is less likely than the spec's alarm limit
-                "alarm": bool(p[0] < self.alarm_below),
-                "probabilities": {label: float(q) for label, q in zip(self.labels, p, strict=True)},
-            })
-        return out
+        answers = class_answers(outputs, self.labels)
+        for answer in answers:
+            answer["fault"] = self.classes[self.labels.index(answer["label"])]
+            # the alarm rule of detection_metrics: normal operation is less likely than the spec's alarm limit
+            answer["alarm"] = answer["probabilities"][self.labels[0]] < self.alarm_below
+        return answers
 
