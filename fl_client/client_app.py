@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from fl_client.config import PlantConfig
+from fl_client.fault_drill import fault_drill_mod
 from fl_client.mods import central_clipping_mod, plant_declines_mod
 from maxfl.errors import ConfigError
 from maxfl.messages import (
@@ -55,13 +56,13 @@ def query(msg: Message, context: Context) -> Message:
     return _reply(msg, plant, RecordDict({CONFIG: ConfigRecord({PROFILE: profile.model_dump_json(by_alias=True)})}))
 
 
-@app.train(mods=[central_clipping_mod])
+@app.train(mods=[fault_drill_mod, central_clipping_mod])  # the drill corrupts what leaves, after clipping
 def train(msg: Message, context: Context) -> Message:
     """Train one round under the plant's privacy ceiling: the ledger records the round before training starts."""
     plant, instructions, task, spec, data = _prepare(msg, context)
     grant = authorize_round(
         plant.privacy(), instructions, fingerprint=data.fingerprint, task=task.name, records=len(data.private_records()),
-        run_id=msg.metadata.run_id, server_round=instructions.server_round, epochs=instructions.local_epochs,
+        run_id=instructions.run_series or msg.metadata.run_id, server_round=instructions.server_round, epochs=instructions.local_epochs,
         batch_size=instructions.batch_size, num_rounds=instructions.num_server_rounds,
     )
     model = _load_model(task, spec, msg)

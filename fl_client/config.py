@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from maxfl.errors import ConfigError
 from maxfl.settings import FlowerSettings
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from privacy.budget import PlantPrivacy
 
 PLANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
 def maxfl_home() -> Path:
@@ -38,6 +40,33 @@ class PlantConfig(FlowerSettings, extra="ignore"):
     # The plant's edge model store: approved models the anchor pushed, the one serving and the ones before it.
     # Default $MAXFL_HOME/edge/<plant-id>.
     edge_store: Path | None = None
+    # A drill of the anchor's defences (fl_client.fault_drill): this plant corrupts every update it sends --
+    # scaled, sign-flipped (both by fault-drill-scale) or NaN. For exercises and tests; "none" in production.
+    fault_drill: Literal["none", "scale", "sign-flip", "nan"] = "none"
+    fault_drill_scale: float = Field(10.0, gt=0.0)
+    # The apps this plant runs (fl_client.app_policy): comma-separated SHA-256 hashes of their FABs
+    # (`maxfl app hash APP_DIR` prints one), or "any". Not set: the plant runs no app at all.
+    allowed_apps: str | None = None
+    # The plant's own audit log (apps it accepted or refused); default $MAXFL_HOME/audit/<plant-id>.jsonl.
+    audit_log: Path | None = None
+
+    @field_validator("allowed_apps", mode="before")
+    @classmethod
+    def _hash_list(cls, value: object) -> object:
+        """FAB hashes, 64 hex digits each (case and spaces around commas do not matter), or "any"; empty: none."""
+        if isinstance(value, list | tuple):
+            value = ",".join(map(str, value))
+        if not isinstance(value, str):
+            return value
+        items = [item.strip().lower() for item in value.split(",") if item.strip()]
+        if items == ["any"]:
+            return "any"
+        for item in items:
+            if item == "any":
+                raise ValueError('"any" stands alone: it already allows every app')
+            if not SHA256_PATTERN.match(item):
+                raise ValueError(f"{item[:20]!r} is not a FAB's SHA-256 hash (64 hex digits); `maxfl app hash APP_DIR` prints one")
+        return ",".join(dict.fromkeys(items)) or None
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> PlantConfig:
@@ -76,6 +105,9 @@ class PlantConfig(FlowerSettings, extra="ignore"):
     def edge_store_path(self) -> Path:
         return self.edge_store or maxfl_home() / "edge" / self.plant_id
 
+    def audit_log_path(self) -> Path:
+        return self.audit_log or maxfl_home() / "audit" / f"{self.plant_id}.jsonl"
+
     def privacy(self) -> PlantPrivacy:
         from privacy.budget import PlantPrivacy
         from privacy.ledger import Ledger
@@ -91,4 +123,10 @@ class PlantConfig(FlowerSettings, extra="ignore"):
             parts.append(f'ledger="{self.ledger}"')
         if self.edge_store is not None:
             parts.append(f'edge-store="{self.edge_store}"')
+        if self.fault_drill != "none":
+            parts += [f'fault-drill="{self.fault_drill}"', f"fault-drill-scale={self.fault_drill_scale!r}"]
+        if self.allowed_apps is not None:
+            parts.append(f'allowed-apps="{self.allowed_apps}"')
+        if self.audit_log is not None:
+            parts.append(f'audit-log="{self.audit_log}"')
         return " ".join(parts)

@@ -6,6 +6,11 @@ its imports (torch alone ~1.5 s here) before it can train. With the SuperNode in
 then forks a child per task that runs Flower's own `run_clientapp`. The child still imports the
 ClientApp from the submitted FAB (our modules are dropped from the fork), so the code that runs is
 the code the anchor submitted, not whatever the plant has installed.
+
+Before Flower installs or imports that FAB, the plant's own policy decides whether it runs at all
+(fl_client.app_policy: the node config's `allowed-apps`); a refused app is never installed, the plant's
+audit log records it and the anchor gets an error reply with the reason. The check is the plant's
+installed code, bound before the app packages are dropped, so a FAB cannot replace it.
 """
 
 from __future__ import annotations
@@ -47,11 +52,21 @@ def _forget_app_modules() -> None:
             del sys.modules[name]
 
 
+def _guard_apps() -> None:
+    """The plant's app policy, from its installed maxfl, between Flower's pull of a task and the FAB's install."""
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    from fl_client.app_policy import install_gate
+
+    install_gate(runtime)
+
+
 def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None, torch_threads: int) -> int:
     import torch
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     torch.set_num_threads(torch_threads)
+    _guard_apps()  # before the app packages go: the FAB must not be able to replace the check
     _forget_app_modules()
     try:
         run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
@@ -81,6 +96,7 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
+    import fl_client.app_policy  # noqa: F401 - paid once here; every task process checks its app with it
     from maxfl.flower_tuning import tune_object_pulls
 
     # A task is handed out before the SuperNode has stored all of its objects; forked tasks retry quickly.

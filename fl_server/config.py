@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from maxfl.release import MODEL_NAME_PATTERN
 from privacy.plan import PrivacyPlan
@@ -23,7 +24,23 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     # Model input size for image tasks that resize (bring-your-own image folders).
     image_size: int = Field(64, ge=8, le=512)
     num_server_rounds: int = Field(3, ge=1, le=10_000)
-    strategy: Literal["fedavg"] = "fedavg"
+    # Flower's aggregation strategy (fl_server.strategy.build_strategy). Robust against a hostile or broken plant:
+    # fedtrimmedavg, fedmedian, krum, multikrum, bulyan; adaptive server optimisers: fedavgm, fedadam, fedyogi, fedadagrad.
+    strategy: Literal[
+        "fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan"
+    ] = "fedavg"
+    # FedAvgM's server learning rate, FedAdam/FedYogi/FedAdagrad's eta; 0: the strategy's own default (1.0 / 0.1 / 0.01 / 0.1).
+    server_learning_rate: float = Field(0.0, ge=0.0, le=10.0)
+    # FedAvgM's server momentum, FedAdam/FedYogi's beta_1.
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    # FedTrimmedAvg: the fraction of plants cut at each end, per coordinate, before averaging.
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5)
+    # Krum, MultiKrum, Bulyan: how many hostile plants to withstand (MultiKrum averages the min-plants - this most central).
+    num_malicious: int = Field(1, ge=0)
+    # Update validation (fl_server.validation): reject an update (reply - global weights) whose L2 norm exceeds this; 0: off.
+    max_update_norm: float = Field(0.0, ge=0.0)
+    # ... or exceeds this many times the round's median update norm (with 3 or more updates); 0: off.
+    update_norm_factor: float = Field(10.0, ge=0.0)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     min_plants: int = Field(2, ge=1)
@@ -65,6 +82,12 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     push_version: int = Field(0, ge=0)
     push_plants: str = ""
     push_wait_s: float = Field(0.0, ge=0.0, le=86_400.0)
+    # Resume a training run whose ServerApp or SuperLink died: the MLflow run id it logged to. It continues
+    # after the run's last checkpointed round (fl_server.checkpoint) with the same run config.
+    resume: str = Field("", pattern=r"^$|^[0-9a-f]{32}$")
+    # The anchor's append-only audit log (maxfl.audit): runs, rejected updates, gate results, deployments.
+    # Empty: $MAXFL_HOME/anchor/audit.jsonl. `maxfl federation` writes joins and revocations to its own.
+    audit_log: str = ""
     # Simulation only: virtual plant k reads its data from <sim-data-root>/plant-<k+1>.
     sim_data_root: str = ""
     # Simulation only: the virtual plants' node configs (each plant's ceiling and delta; see PlantConfig).
@@ -77,6 +100,25 @@ class RunConfig(PrivacyPlan, extra="forbid"):
         if value not in task_names():
             raise ValueError(f"unknown task; allowed values: {', '.join(task_names())}")
         return value
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> Self:
+        """Combinations Flower would only refuse mid-run (Bulyan skips every round) or that void a guarantee."""
+        f = self.num_malicious
+        if self.strategy == "bulyan" and self.min_plants < 4 * f + 3:
+            raise ValueError(f"bulyan needs min-plants >= 4 x num-malicious + 3 = {4 * f + 3}; raise min-plants or lower num-malicious")
+        if self.strategy == "multikrum" and self.min_plants <= f:
+            raise ValueError(f"multikrum averages min-plants - num-malicious updates, so min-plants must exceed num-malicious ({f})")
+        if 0.0 < self.update_norm_factor <= 1.0:
+            raise ValueError("update-norm-factor must be 0 (off) or above 1: at 1 or below it rejects honest plants above the round's median")
+        if self.central_dp != "off" and self.strategy != "fedavg":
+            raise ValueError(f"central-dp calibrates its noise for a plain average; use strategy 'fedavg' with it, not '{self.strategy}'")
+        return self
+
+    def audit_log_path(self) -> Path:
+        from fl_client.config import maxfl_home
+
+        return Path(self.audit_log) if self.audit_log else maxfl_home() / "anchor" / "audit.jsonl"
 
     def model_name(self) -> str:
         return self.registered_model or f"maxfl-{self.task}"

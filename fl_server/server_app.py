@@ -12,15 +12,19 @@ from fl_server.central_dp import with_central_dp
 from fl_server.config import RunConfig
 from fl_server.data_agreement import agree_on_data
 from fl_server.grid import PollingGrid
-from fl_server.strategy import TrackedStrategy, build_strategy
+from fl_server.checkpoint import CheckpointStore
+from fl_server.strategy import RunAborted, TrackedStrategy, build_strategy
 from fl_server.push import deliver_pending, push
 from fl_server.registry import Registry, RegistryError
 from fl_server.release import release_model
 from fl_server.tracking import RunTracker, tracked_run
+from fl_server.validation import UpdateRules, ValidatedStrategy, log_rejection
+from maxfl.audit import AuditLog
 from maxfl.flower_tuning import tune_object_pulls
 from maxfl.messages import TrainingPlan
 from maxfl.weights import pack, unpack_into
 from tasks import get_task
+from tasks.base import TaskSpec
 
 app = ServerApp()
 log = logging.getLogger("maxfl")
@@ -43,12 +47,22 @@ def main(grid: Grid, context: Context) -> None:
     tune_object_pulls(initial_backoff_s=cfg.poll_interval_s / 2, backoff_cap_s=cfg.poll_interval_s)
     grid = PollingGrid(grid, cfg.poll_interval_s)
     with tracked_run(cfg, grid.run.run_id, grid.run.fab_hash) as tracker:
-        registry = Registry(tracker.tracking_uri, cfg.model_name())
-        deliver_pending(grid, cfg, registry)  # plants that were offline at a push get it first thing
-        if cfg.action == "push":
-            push_version(grid, cfg, registry, tracker)
-        else:
-            train(grid, cfg, tracker)
+        tracker.audit = AuditLog(cfg.audit_log_path())
+        started = {"flwr_run": grid.run.run_id, "fab_hash": grid.run.fab_hash, "action": cfg.action, "task": cfg.task,
+                   "strategy": cfg.strategy, "rounds": cfg.num_server_rounds}
+        tracker.audit_event("run.resumed" if cfg.resume else "run.started", **started)
+        try:
+            registry = Registry(tracker.tracking_uri, cfg.model_name())
+            for record in deliver_pending(grid, cfg, registry):  # plants that were offline at a push get it first thing
+                tracker.audit_event("model.deployed", plant=record.plant, version=record.version, status=record.status, serving=record.serving)
+            if cfg.action == "push":
+                push_version(grid, cfg, registry, tracker)
+            else:
+                train(grid, cfg, tracker)
+        except Exception as exc:
+            tracker.audit_event("run.failed", flwr_run=grid.run.run_id, reason=f"{type(exc).__name__}: {exc}")
+            raise
+        tracker.audit_event("run.finished", flwr_run=grid.run.run_id)
 
 
 def push_version(grid: Grid, cfg: RunConfig, registry: Registry, tracker: RunTracker) -> None:
@@ -66,10 +80,18 @@ def push_version(grid: Grid, cfg: RunConfig, registry: Registry, tracker: RunTra
 
 
 def train(grid: Grid, cfg: RunConfig, tracker: RunTracker) -> None:
-    """Train, then gate, register and push the final model (release)."""
+    """Train (or resume training after a crash), then gate, register and push the final model (release)."""
+    from mlflow import MlflowClient
+
     task = get_task(cfg.task)
-    log.info("MLflow run %s: %d rounds of %s on task %s", tracker.run_id, cfg.num_server_rounds, cfg.strategy, cfg.task)
+    checkpoints = CheckpointStore(MlflowClient(tracker.tracking_uri), tracker.run_id)
+    checkpoint = checkpoints.load() if cfg.resume else None
+    done = checkpoint.server_round if checkpoint else 0
+    log.info("MLflow run %s: %d rounds of %s on task %s%s", tracker.run_id, cfg.num_server_rounds, cfg.strategy, cfg.task,
+             f" (resumed after round {done})" if cfg.resume else "")
     spec, profiles = agree_on_data(grid, cfg, task)
+    if cfg.resume:
+        check_same_spec(tracker, spec)
     tracker.log_data_agreement(spec, profiles)
     torch.manual_seed(cfg.seed)
     model = task.build_model(spec)
@@ -82,21 +104,43 @@ def train(grid: Grid, cfg: RunConfig, tracker: RunTracker) -> None:
         learning_rate=cfg.learning_rate,
         lr_schedule=cfg.lr_schedule,
         num_server_rounds=cfg.num_server_rounds,
+        run_series=tracker.run_series,
         **cfg.privacy_fields(),
     ).to_flower()
     strategy = TrackedStrategy(
-        with_central_dp(build_strategy(cfg), cfg, len(profiles)), tracker, cfg.min_plants, cfg.num_server_rounds, cfg.evaluate_every
+        ValidatedStrategy(with_central_dp(build_strategy(cfg), cfg, len(profiles)), UpdateRules.from_config(cfg), cfg.min_plants,
+                          on_reject=lambda r, plant, why: reject(strategy, r, plant, why)),
+        tracker, cfg.min_plants, cfg.num_server_rounds, cfg.evaluate_every, checkpoints,
     )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=pack(model),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout_s,
-        train_config=ConfigRecord(plan),
-        evaluate_config=ConfigRecord(plan),
-    )
-    unpack_into(model, result.arrays)
+    arrays = strategy.resume(checkpoint) if checkpoint else pack(model)
+    if done < cfg.num_server_rounds:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=cfg.num_server_rounds - done,
+            timeout=cfg.round_timeout_s,
+            train_config=ConfigRecord(plan),
+            evaluate_config=ConfigRecord(plan),
+        )
+        arrays = result.arrays if len(result.arrays) else arrays
+    unpack_into(model, arrays)
     model_uri = tracker.log_model(model, task.input_example(spec))
     log.info("MLflow run %s: model logged as %s", tracker.run_id, model_uri)
     if cfg.release:
-        release_model(grid, cfg, task, spec, model, result.arrays, plan, tracker, model_uri)
+        release_model(grid, cfg, task, spec, model, arrays, plan, tracker, model_uri)
+
+
+def reject(strategy: TrackedStrategy, server_round: int, plant: str, reason: str) -> None:
+    """An update that failed validation: in the ServerApp's log, the round's metrics and the audit log."""
+    log_rejection(server_round, plant, reason)
+    strategy.note({f"{plant}/update_rejected": 1.0})
+    strategy.reject(plant)
+    strategy.tracker.audit_event("update.rejected", round=server_round, plant=plant, reason=reason)
+
+
+def check_same_spec(tracker: RunTracker, spec: TaskSpec) -> None:
+    """A resumed run goes on only with the data it started with: the plants' merged spec must not have changed."""
+    started = tracker.logged_spec()
+    if started is not None and started != spec.model_dump(mode="json"):
+        raise RunAborted("resume: the plants' data no longer agree with the task spec the run started with (data/task-spec.json); "
+                         "start a new run instead of resuming this one")

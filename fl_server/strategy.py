@@ -6,11 +6,15 @@ import logging
 import re
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
+)
 
+from fl_server.checkpoint import Checkpoint, CheckpointStore, restore_strategy_state, strategy_state
 from fl_server.config import RunConfig
 from fl_server.tracking import RunTracker
 from maxfl.messages import METRICS, PLANT, PRIVACY_PREFIX, WEIGHT_KEY
@@ -22,15 +26,34 @@ class RunAborted(RuntimeError):
     """Too few plants answered for the run to go on."""
 
 
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad,
+    "fedtrimmedavg": FedTrimmedAvg, "fedmedian": FedMedian, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan,
+}
+
+
 def build_strategy(cfg: RunConfig) -> Strategy:
-    strategies = {"fedavg": FedAvg}
-    return strategies[cfg.strategy](
+    """Flower's strategy named in the run config, with maxfl's sampling (at least min-plants) and example weights."""
+    eta = cfg.server_learning_rate  # 0: keep the class's own default, which differs per optimiser
+    f = cfg.num_malicious
+    options: dict[str, dict[str, Any]] = {
+        "fedavgm": {"server_momentum": cfg.server_momentum} | ({"server_learning_rate": eta} if eta else {}),
+        "fedadam": {"beta_1": cfg.server_momentum} | ({"eta": eta} if eta else {}),
+        "fedyogi": {"beta_1": cfg.server_momentum} | ({"eta": eta} if eta else {}),
+        "fedadagrad": {"eta": eta} if eta else {},
+        "fedtrimmedavg": {"beta": cfg.trim_fraction},
+        "krum": {"num_malicious_nodes": f},
+        "multikrum": {"num_malicious_nodes": f, "num_nodes_to_select": cfg.min_plants - f},
+        "bulyan": {"num_malicious_nodes": f},
+    }
+    return STRATEGIES[cfg.strategy](
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_plants,
         min_evaluate_nodes=cfg.min_plants if cfg.fraction_evaluate > 0 else 0,
         min_available_nodes=cfg.min_plants,
         weighted_by_key=WEIGHT_KEY,
+        **options.get(cfg.strategy, {}),
     )
 
 
@@ -71,68 +94,112 @@ def keep_common_metrics(replies: list[Message]) -> list[Message]:
 
 
 class TrackedStrategy(Strategy):
-    """Wraps a strategy: per-round and per-plant metrics to MLflow (step = round) and a progress line.
+    """Wraps a strategy: per-round and per-plant metrics to MLflow (step = round), a progress line, and a
+    checkpoint after every completed round (fl_server.checkpoint) from which a restarted ServerApp resumes.
 
-    It also stops the run, with the plants' reasons, when fewer than `min_plants` return an update.
+    A round's metrics are logged together once the round is complete and checkpointed, so a round cut short by
+    a crash is neither half-logged nor logged twice when it is run again. Flower's `Strategy.start` counts
+    rounds from 1; after a resume from round k, this wrapper adds k, so every strategy, plant and log sees the
+    run's real round. It also stops the run, with the plants' reasons, when fewer than `min_plants` return an
+    update.
     """
 
-    def __init__(self, inner: Strategy, tracker: RunTracker, min_plants: int, num_rounds: int, evaluate_every: int = 1) -> None:
+    def __init__(self, inner: Strategy, tracker: RunTracker, min_plants: int, num_rounds: int, evaluate_every: int = 1,
+                 checkpoints: CheckpointStore | None = None) -> None:
         self.inner = inner
         self.evaluate_every = evaluate_every
         self.tracker = tracker
         self.min_plants = min_plants
         self.num_rounds = num_rounds
+        self.checkpoints = checkpoints
+        self.offset = 0  # rounds completed before this ServerApp started (resume)
+        self._arrays = ArrayRecord()
+        self._pending: dict[str, float] = {}
+        self._rejected: set[str] = set()
         self._round_started = 0.0
         self._phase_started = 0.0
         self._slowest_train_s = 0.0
 
+    def resume(self, checkpoint: Checkpoint) -> ArrayRecord:
+        """Continue after `checkpoint`: restore the strategy's state, make sure its round is logged, and return
+        the arrays to start from. `Strategy.start` then runs the remaining `num_rounds - offset` rounds."""
+        restore_strategy_state(self.inner, checkpoint.state)
+        self.offset = checkpoint.server_round
+        self.tracker.ensure_logged(checkpoint.metrics, step=checkpoint.server_round)
+        return checkpoint.arrays
+
     def summary(self) -> None:
         self.inner.summary()
 
+    def note(self, metrics: dict[str, float]) -> None:
+        """Metrics of the current round, logged with the rest of it once it completes (e.g. rejected updates)."""
+        self._pending |= metrics
+
+    def reject(self, plant: str) -> None:
+        """This round's update of `plant` was not used (update validation): it does not count as a contributor."""
+        self._rejected.add(plant)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_started = self._phase_started = time.perf_counter()
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        self._arrays = arrays
+        self._pending = {}
+        self._rejected: set[str] = set()
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
     def evaluates(self, server_round: int) -> bool:
-        """Federated evaluation every `evaluate_every` rounds, and always of the final model."""
+        """Federated evaluation every `evaluate_every` rounds, and always of the final model (real rounds)."""
         return server_round % self.evaluate_every == 0 or server_round == self.num_rounds
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._phase_started = time.perf_counter()
-        if not self.evaluates(server_round):
+        real = server_round + self.offset
+        if not self.evaluates(real):
             return []
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(real, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        real = server_round + self.offset
         replies = list(replies)
-        self._slowest_train_s = self._record("train", server_round, replies)
+        self._slowest_train_s = self._record("train", real, replies)
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_plants:
             reasons = "; ".join(failure_reason(m) for m in replies if m.has_error()) or "no replies"
-            raise RunAborted(f"round {server_round}: {len(ok)} plant(s) returned an update, {self.min_plants} needed ({reasons})")
-        arrays, metrics = self.inner.aggregate_train(server_round, keep_common_metrics(ok))
-        self._log_aggregate(server_round, metrics)
+            raise RunAborted(f"round {real}: {len(ok)} plant(s) returned an update, {self.min_plants} needed ({reasons})")
+        arrays, metrics = self.inner.aggregate_train(real, keep_common_metrics(ok))
+        self.tracker.note_plants([p for p in map(plant_of, ok) if p not in self._rejected])  # the model's contributors
+        if arrays is not None:
+            self._arrays = arrays
+        self._log_aggregate(metrics)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        real = server_round + self.offset
         replies = list(replies)
-        if not self.evaluates(server_round):
-            return None
-        self._record("eval", server_round, replies)
-        metrics = self.inner.aggregate_evaluate(server_round, keep_common_metrics([m for m in replies if not m.has_error()]))
-        self._log_aggregate(server_round, metrics)
-        # The round's overhead: all of its wall time that the slowest plant did not spend training.
-        wall = time.perf_counter() - self._round_started
-        self.tracker.log_metrics({"round_wall_s": wall, "round_overhead_s": wall - self._slowest_train_s}, step=server_round)
+        metrics = None
+        if self.evaluates(real):
+            self._record("eval", real, replies)
+            metrics = self.inner.aggregate_evaluate(real, keep_common_metrics([m for m in replies if not m.has_error()]))
+            self._log_aggregate(metrics)
+        self._finish_round(real)
         return metrics
 
-    def _log_aggregate(self, server_round: int, metrics: MetricRecord | None) -> None:
+    def _finish_round(self, real: int) -> None:
+        """The round is complete: checkpoint it (the commit point), then log its metrics in one batch."""
+        # The round's overhead: all of its wall time that the slowest plant did not spend training.
+        wall = time.perf_counter() - self._round_started
+        self._pending |= {"round_wall_s": wall, "round_overhead_s": wall - self._slowest_train_s}
+        metrics = {k: float(v) for k, v in self._pending.items()}
+        if self.checkpoints is not None:
+            self.checkpoints.save(Checkpoint(real, self._arrays, metrics, strategy_state(self.inner)))
+        self.tracker.log_metrics(metrics, step=real, synchronous=True)
+
+    def _log_aggregate(self, metrics: MetricRecord | None) -> None:
         # An average epsilon describes no plant: privacy metrics are logged per plant, and their maximum.
         if metrics is not None:
-            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != WEIGHT_KEY and not k.startswith(PRIVACY_PREFIX)}, step=server_round)
+            self._pending |= {k: float(v) for k, v in metrics.items() if k != WEIGHT_KEY and not k.startswith(PRIVACY_PREFIX)}
 
     def _record(self, phase: str, server_round: int, replies: list[Message]) -> float:
-        """Logs per-plant metrics and the phase's wall time and overhead; returns the slowest plant's work time."""
+        """Notes per-plant metrics and the phase's wall time and overhead; returns the slowest plant's work time."""
         wall = time.perf_counter() - self._phase_started
         per_plant: dict[str, float] = {}
         status = []
@@ -141,18 +208,19 @@ class TrackedStrategy(Strategy):
             plant = plant_of(msg)
             if msg.has_error():
                 status.append(f"FAILED {failure_reason(msg)}")
+                who, why = failed_plant(msg)
+                self.tracker.audit_event("plant.failed", round=server_round, phase=phase, plant=who, reason=why)
                 continue
             metrics = msg.content[METRICS]
             slowest = max(slowest, float(metrics.get(f"{phase}_time_s", 0.0)))
             per_plant.update({f"{plant}/{k}": float(v) for k, v in metrics.items()})
             shown = " ".join(f"{k}={float(v):.3f}" for k, v in metrics.items() if k.endswith(("loss", "accuracy", "macro_f1")) or k == f"{PRIVACY_PREFIX}epsilon")
             status.append(f"{plant} ok {shown}")
-        self.tracker.note_plants([plant_of(m) for m in replies if not m.has_error()])
         epsilons = [v for k, v in per_plant.items() if k.endswith(f"/{PRIVACY_PREFIX}epsilon")]
         if epsilons:
             per_plant[f"{PRIVACY_PREFIX}epsilon_max"] = max(epsilons)
         per_plant[f"round_{phase}_wall_s"] = wall
         per_plant[f"round_{phase}_overhead_s"] = wall - slowest
-        self.tracker.log_metrics(per_plant, step=server_round)
+        self._pending |= per_plant
         log.info("round %d/%d %s (%.1fs): %s", server_round, self.num_rounds, phase, wall, " | ".join(status) or "no replies")
         return slowest

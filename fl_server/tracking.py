@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -19,6 +20,7 @@ import maxfl
 from fl_server.config import RunConfig
 from fl_server.gate import GateReport
 from fl_server.registry import GATE_TAG, RELEASE_DIR, SHA_TAG, WEIGHTS_FILE, EdgeRecord
+from maxfl.audit import AuditLog
 from maxfl.errors import ConfigError
 from maxfl.release import MANIFEST_FILE, ONNX_FILE, ReleaseManifest
 
@@ -26,7 +28,11 @@ log = logging.getLogger("maxfl")
 
 # pt2 (torch.export) needs no maxfl code to load the model back; pinned so MLflow does not write `torch==x+cpu`.
 MODEL_PIP_REQUIREMENTS = ["torch>=2.13,<2.14", "numpy>=2.0"]
-FLWR_RUN_ID_TAG = "flwr.run_id"
+FLWR_RUN_ID_TAG = "flwr.run_id"  # the latest Flower run of this MLflow run
+FLWR_RUN_IDS_TAG = "flwr.run_ids"  # every Flower run it had: more than one after a resume
+# Keys that may change when a run is resumed (where things are, how long to wait); the rest of the run config
+# must equal the params the run started with.
+RESUME_KEYS = frozenset({"resume", "tracking-uri", "audit-log", "round-timeout-s", "poll-interval-s"})
 
 
 def resolve_tracking_uri(configured: str) -> str:
@@ -59,17 +65,45 @@ class RunTracker:
         self.plants: set[str] = set()
         self.latest: dict[str, float] = {}  # every metric's last logged value: the lineage of the run's model
         self.fingerprints: dict[str, str] = {}  # plant -> SHA-256 of the data it trained on
+        self.run_series = 0  # the first Flower run of a resumed run (0: not resumed)
+        self.audit: AuditLog | None = None  # the anchor's audit log: runs, rejections, gate results, deployments
+
+    def audit_event(self, event: str, **details: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, "anchor", mlflow_run=self.run_id, **details)
+
+    def logged_spec(self) -> dict[str, Any] | None:
+        """The task spec this run logged when it started (a resumed run checks the plants still agree with it)."""
+        client = self._mlflow.MlflowClient(self.tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="maxfl-spec-") as tmp:
+            try:
+                path = client.download_artifacts(self.run_id, "data/task-spec.json", tmp)
+            except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+                return None
+            return dict(json.loads(Path(path).read_text()))
 
     def note_plants(self, plants: list[str]) -> None:
         if not set(plants) <= self.plants:
             self.plants |= set(plants)
             self._mlflow.set_tag("maxfl.plants", ",".join(sorted(self.plants)))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, synchronous: bool = False) -> None:
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
         self.latest.update(finite)
-        # Asynchronous: a round does not wait for the tracking server; the run's end flushes the queue.
-        self._mlflow.log_metrics(finite, step=step, synchronous=False)
+        # Asynchronous by default: a round does not wait for the tracking server; the run's end flushes the
+        # queue. A completed round is logged synchronously, right after its checkpoint (fl_server.checkpoint).
+        self._mlflow.log_metrics(finite, step=step, synchronous=synchronous)
+
+    def ensure_logged(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log a checkpointed round's metrics unless the ServerApp that checkpointed it already did (one batch,
+        so one key tells)."""
+        finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+        if not finite:
+            return
+        client = self._mlflow.MlflowClient(self.tracking_uri)
+        probe = "round_wall_s" if "round_wall_s" in finite else next(iter(finite))
+        if not any(m.step == step for m in client.get_metric_history(self.run_id, probe)):
+            self.log_metrics(finite, step, synchronous=True)
 
     def log_data_agreement(self, spec: BaseModel, profiles: Mapping[str, BaseModel]) -> None:
         """The merged spec and each plant's profile (schema, statistics, data fingerprint), for lineage."""
@@ -109,6 +143,7 @@ class RunTracker:
             metrics[f"gate_champion_{report.rule.metric}"] = report.champion_aggregate
         self._mlflow.log_metrics(metrics)
         self._mlflow.set_tag(GATE_TAG, report.summary)
+        self.audit_event("model.gated", passed=report.passed, summary=report.summary)
 
     def log_release(self, manifest: ReleaseManifest, onnx: bytes, weights: np.ndarray) -> None:
         """The exact bytes a plant will verify, with the weights a later gate evaluates the champion from."""
@@ -124,11 +159,13 @@ class RunTracker:
         self._mlflow.log_dict({"plants": [r.model_dump(mode="json") for r in records]}, "push/acks.json")
         for status in ("installed", "pending", "refused"):
             self._mlflow.log_metric(f"push_{status}", float(sum(r.status == status for r in records)))
+        for r in records:
+            self.audit_event("model.deployed", plant=r.plant, version=r.version, status=r.status, serving=r.serving, detail=r.detail)
 
 
 @contextmanager
 def tracked_run(cfg: RunConfig, flwr_run_id: int, fab_hash: str) -> Iterator[RunTracker]:
-    """Open the MLflow run of one federated training run; it ends FAILED if the body raises."""
+    """Open the MLflow run of one federated run (or reopen it, `resume`); it ends FAILED if the body raises."""
     uri = resolve_tracking_uri(cfg.tracking_uri)
     check_reachable(uri)
     import flwr
@@ -146,7 +183,42 @@ def tracked_run(cfg: RunConfig, flwr_run_id: int, fab_hash: str) -> Iterator[Run
         "mlflow.source.git.commit": os.environ.get("MAXFL_GIT_COMMIT", ""),
         "python.version": platform.python_version(),
     }
+    tags = {k: v for k, v in tags.items() if v}
+    if cfg.resume:
+        tags[FLWR_RUN_IDS_TAG] = _check_resumable(mlflow.MlflowClient(uri), cfg, flwr_run_id)
+        with mlflow.start_run(run_id=cfg.resume) as run:
+            mlflow.set_tags(tags)
+            tracker = RunTracker(mlflow, run.info.run_id, uri, tags.get("mlflow.source.git.commit", ""))
+            tracker.run_series = int(tags[FLWR_RUN_IDS_TAG].split(",")[0])
+            tracker.latest = dict(run.data.metrics)
+            tracker.plants = {p for p in run.data.tags.get("maxfl.plants", "").split(",") if p}
+            yield tracker
+        return
     name = cfg.task if cfg.action == "train" else f"push-{cfg.model_name()}"
-    with mlflow.start_run(run_name=f"{name}-flwr-{flwr_run_id}", tags={k: v for k, v in tags.items() if v}) as run:
-        mlflow.log_params(cfg.to_flower())
-        yield RunTracker(mlflow, run.info.run_id, uri, tags["mlflow.source.git.commit"])
+    with mlflow.start_run(run_name=f"{name}-flwr-{flwr_run_id}", tags=tags | {FLWR_RUN_IDS_TAG: str(flwr_run_id)}) as run:
+        mlflow.log_params({k: v for k, v in cfg.to_flower().items() if k != "resume"})
+        yield RunTracker(mlflow, run.info.run_id, uri, tags.get("mlflow.source.git.commit", ""))
+
+
+def _check_resumable(client: Any, cfg: RunConfig, flwr_run_id: int) -> str:
+    """The run exists, is a training run, and this run config is the one it started with; returns the Flower
+    run ids it has had, this one included."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(cfg.resume)
+    except MlflowException:
+        raise ConfigError(f"resume: there is no MLflow run '{cfg.resume}' at {cfg.tracking_uri or 'the tracking server'}; "
+                          "give the run id `maxfl federate` printed (or the MLflow UI shows)") from None
+    if run.data.tags.get("maxfl.action", "train") != "train":
+        raise ConfigError(f"resume: MLflow run '{cfg.resume}' is not a training run")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"resume: MLflow run '{cfg.resume}' already finished; nothing to resume")
+    wanted = {k: str(v) for k, v in cfg.to_flower().items() if k not in RESUME_KEYS}
+    differs = sorted(k for k in (set(wanted) | set(run.data.params)) - RESUME_KEYS if wanted.get(k) != run.data.params.get(k))
+    if differs:
+        shown = ", ".join(f"{k} ({run.data.params.get(k, '-')} then, {wanted.get(k, '-')} now)" for k in differs[:4])
+        raise ConfigError(f"resume: the run config differs from the one MLflow run '{cfg.resume}' started with: {shown}; "
+                          "resume with the same run config")
+    previous = run.data.tags.get(FLWR_RUN_IDS_TAG) or run.data.tags.get(FLWR_RUN_ID_TAG, "")
+    return ",".join([p for p in previous.split(",") if p] + [str(flwr_run_id)])

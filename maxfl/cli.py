@@ -56,7 +56,9 @@ def federate(
     keep_mlflow: Annotated[bool, typer.Option(help="Keep MLflow running for browsing until Ctrl-C.")] = False,
     warm: Annotated[bool, typer.Option(help="Long-lived pre-imported ClientApp executors (process isolation).")] = True,
     max_epsilon: Annotated[float, typer.Option(help="Each demo plant's privacy ceiling (its node config max-epsilon).")] = 10.0,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no SuperNode authentication (default: both, with a fresh local CA).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Resume this MLflow run after its last completed round (run config resume).")] = None,
 ) -> None:
     """Start MLflow, a SuperLink and N plant SuperNodes on 127.0.0.1, train, and stop them all."""
     from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
@@ -66,11 +68,13 @@ def federate(
         overrides["num-server-rounds"] = rounds
     if task is not None:
         overrides["task"] = task
+    if resume is not None:
+        overrides["resume"] = resume
     try:
         settings = FederationSettings(
             app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=plants, run_overrides=overrides,  # type: ignore[arg-type]
             examples_per_plant=examples_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
-            keep_mlflow=keep_mlflow, warm=warm, tracking_uri=tracking_uri, max_epsilon=max_epsilon,
+            keep_mlflow=keep_mlflow, warm=warm, tracking_uri=tracking_uri, max_epsilon=max_epsilon, insecure=insecure,
         )
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, "options")) from None
@@ -173,13 +177,45 @@ def ledger(
     console.print("epsilon spent composes every round of every run (RDP); per-run values do not add up to it")
 
 
+@app.command()
+def audit(
+    path: Annotated[Path, typer.Argument(help="An audit log: the anchor's (run config audit-log, or <federation dir>/audit.jsonl) or a plant's.")],
+    event: Annotated[str | None, typer.Option(help="Only events whose name starts with this (e.g. plant., update., model.).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the events as JSON lines.")] = False,
+) -> None:
+    """Verify an audit log's hash chain and show its events; a broken chain is an error (exit 2)."""
+    from rich import box
+    from rich.table import Table
+
+    from maxfl.audit import AuditLog
+
+    if not path.is_file():
+        raise ConfigError(f"no audit log at {path}")
+    events = [e for e in AuditLog(path).events() if event is None or e.event.startswith(event)]  # raises on a broken chain
+    if json_:
+        for e in events:
+            console.print(e.model_dump_json(), highlight=False)
+        return
+    table = Table("#", "time (UTC)", "event", "actor", "details", box=box.SIMPLE)
+    for e in events:
+        table.add_row(str(e.seq), e.ts[:19].replace("T", " "), e.event, e.actor, " ".join(f"{k}={v}" for k, v in e.details.items()))
+    console.print(table)
+    console.print(f"{path}: chain verified, {len(events)} event(s) shown")
+
+
 def _add_role_commands() -> None:
-    """`maxfl model ...` (anchor) and `maxfl edge ...` (plant): each role's commands live with its package."""
+    """`maxfl model|federation ...` (anchor) and `maxfl edge|plant ...` (plant): each role's commands live with its package."""
     from edge.cli import app as edge_app
+    from fl_client.app_cli import app as app_app
+    from fl_client.plant_cli import app as plant_app
     from fl_server.model_cli import app as model_app
+    from fl_server.provision_cli import app as federation_app
 
     app.add_typer(model_app, name="model")
     app.add_typer(edge_app, name="edge")
+    app.add_typer(federation_app, name="federation")
+    app.add_typer(plant_app, name="plant")
+    app.add_typer(app_app, name="app")
 
 
 _add_role_commands()

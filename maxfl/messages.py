@@ -42,6 +42,9 @@ class TrainingPlan(DataQuery, PrivacyPlan):
     learning_rate: float = Field(0.05, gt=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     num_server_rounds: int = Field(1, ge=1)
+    # The first Flower run of a training run resumed after a crash (0: this one): a plant's ledger counts the
+    # resumed run as one run, so its per-run spend and noise plan carry over.
+    run_series: int = Field(0, ge=0)
 
 
 class RoundInstructions(TrainingPlan):

@@ -1,4 +1,12 @@
-"""One command, a whole federation on loopback: MLflow, SuperLink, plant SuperNodes, then `flwr run`."""
+"""One command, a whole federation on loopback: MLflow, SuperLink, plant SuperNodes, then `flwr run`.
+
+Deployment mode is secure by default, built with the anchor's and the plants' own onboarding code: a fresh
+federation (CA, SuperLink certificate) under <workdir>/federation, the SuperLink with TLS and SuperNode
+authentication, a key per demo plant (kept under its node home), each plant registered and given its join kit
+(`add_plant`), and each SuperNode started from its kit exactly as `maxfl plant join` starts it. Simulation mode
+has no SuperNodes and nothing on the network but loopback between the SuperLink and its own processes: it stays
+insecure. `FederationSettings.insecure` (`maxfl federate --insecure`) is the old plain-HTTP demo.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,15 @@ import json
 import logging
 import os
 import re
+import shutil
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import tomllib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +31,12 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fl_client.config import PlantConfig
+from fl_client.join import (
+    PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, NotRegisteredError, keygen, node_id_from_log, not_registered_message, prepare_join,
+    rejected_by_superlink, supernode_argv, warm_exec_argv,
+)
 from fl_server.config import RunConfig
+from fl_server.provision import Federation, add_plant, flwr_register, init_federation, superlink_argv
 from fl_server.tracking import check_reachable
 from maxfl.atomic import atomic_write_text
 from maxfl.errors import ConfigError, DataError, ProcessError, UserError
@@ -31,6 +47,9 @@ from tasks.base import TaskOptions, resolve_model
 log = logging.getLogger("maxfl")
 
 STARTUP_TIMEOUT_S = 120.0
+# Flower 1.41 counts a SuperNode online until 2 heartbeats (2 x 30 s) are missed; until then its key is refused
+# to another SuperNode (a restart after a kill). Retried this long for plants the anchor lists as active.
+STALE_NODE_S = 75.0
 # Offline hygiene for every process we start: no telemetry, no update checks.
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
@@ -57,11 +76,15 @@ class FederationSettings(BaseModel):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     ceilings: dict[str, float] = Field(default_factory=dict)  # plant id -> its own max-epsilon (deployment mode)
     ledger_dir: Path | None = None  # default: <workdir>/plants/ledgers
+    fault_drills: dict[str, Literal["scale", "sign-flip", "nan"]] = Field(default_factory=dict)  # plant id -> its drill
+    # No TLS, no SuperNode authentication (`maxfl federate --insecure`): the old plain-HTTP demo. Deployment mode
+    # is otherwise TLS + node authentication; simulation mode has no SuperNodes and stays insecure on loopback.
+    insecure: bool = False
 
     @model_validator(mode="after")
     def _ceilings_need_real_plants(self) -> FederationSettings:
-        if (self.ceilings or self.ledger_dir) and self.mode == "simulation":
-            raise ValueError("per-plant ceilings and ledger folders need deployment mode (virtual plants take them from the run config's sim-* keys)")
+        if (self.ceilings or self.ledger_dir or self.fault_drills) and self.mode == "simulation":
+            raise ValueError("per-plant ceilings, ledger folders and fault drills need deployment mode (virtual plants take them from the run config's sim-* keys)")
         return self
 
 
@@ -117,8 +140,20 @@ class LocalFederation:
         self.edge_urls: dict[str, str] = {}
         self.tracking_uri = ""
         self.base_overrides: dict[str, Any] = {}
+        self.audit_log = self.work / "anchor" / "audit.jsonl"
         self.cli_home = self.work / "cli"
         self.superlink = ""
+        self.federation_dir = self.work / "federation"
+        self.federation: Federation | None = None  # set while a secure federation runs
+        self.kits: dict[str, Path] = {}  # plant id -> its join kit (secure mode)
+        self._log_offsets: dict[str, int] = {}  # plant id -> where its SuperNode's latest start begins in its log
+        self._launch: dict[str, tuple[list[str], dict[str, str], int]] = {}  # plant id -> SuperNode argv, env, runtime port
+        self._pending: dict[str, Managed] = {}  # SuperNodes started but not connected yet (not watched)
+
+    @property
+    def secure(self) -> bool:
+        """TLS + SuperNode authentication: deployment mode unless `insecure` was asked for."""
+        return self.s.mode == "deployment" and not self.s.insecure
 
     # ---------------------------------------------------------------- steps
     def prepare_data(self, task_name: str, seed: int) -> list[PlantConfig]:
@@ -129,10 +164,15 @@ class LocalFederation:
             self.echo(f"preparing {task_name} data for {self.s.plants} plants under {root}")
             get_task(task_name).prepare_plants(self.s.plants, root, seed, self.s.examples_per_plant)
             atomic_write_text(marker, json.dumps(wanted))
+        from fl_client.app_policy import fab_hash
+
+        # The demo plants run exactly the app `flwr run` will submit from app_dir (simulation has no executor).
+        app_hash = fab_hash(self.s.app_dir) if self.s.mode == "deployment" else None
         plants = [
             PlantConfig(plant_id=f"plant-{k}", data_dir=root / f"plant-{k}", max_epsilon=self.s.ceilings.get(f"plant-{k}", self.s.max_epsilon),
+                        allowed_apps=app_hash, audit_log=root / "audit" / f"plant-{k}.jsonl",
                         delta=self.s.delta, ledger=(self.s.ledger_dir or root / "ledgers") / f"plant-{k}.json",
-                        edge_store=root / "edge" / f"plant-{k}")
+                        edge_store=root / "edge" / f"plant-{k}", fault_drill=self.s.fault_drills.get(f"plant-{k}", "none"))
             for k in range(1, self.s.plants + 1)
         ]
         for plant in plants:
@@ -153,17 +193,31 @@ class LocalFederation:
         return port
 
     def start_mlflow(self, port: int) -> str:
+        uri = self.launch_mlflow(port)
+        self.await_mlflow(uri)
+        return uri
+
+    def launch_mlflow(self, port: int) -> str:
+        """Start MLflow without waiting for it (its start-up overlaps the SuperLink's and the plants')."""
         store = self.work / "mlflow"
         (store / "artifacts").mkdir(parents=True, exist_ok=True)
-        proc = self._mlflow = self.procs.start(
+        self._mlflow = self.procs.start(
             "mlflow",
             [str(self.bin / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
             self.env,
         )
-        uri = f"http://127.0.0.1:{port}"
-        self.procs.wait_until("MLflow to answer", lambda: _http_ok(f"{uri}/health"), STARTUP_TIMEOUT_S, proc)
-        return uri
+        return f"http://127.0.0.1:{port}"
+
+    def await_mlflow(self, uri: str) -> None:
+        self.procs.wait_until("MLflow to answer", lambda: _http_ok(f"{uri}/health"), STARTUP_TIMEOUT_S, self._mlflow)
+
+    def provision(self, port: int) -> Federation:
+        """A fresh federation for this launch (CA, SuperLink certificate, audit log) under <workdir>/federation."""
+        shutil.rmtree(self.federation_dir, ignore_errors=True)
+        self.kits = {}
+        self.federation = init_federation(self.federation_dir, "local", f"127.0.0.1:{port}", ca_days=30, days=30)
+        return self.federation
 
     def start_superlink(self, port: int) -> str:
         home = self.work / "superlink"
@@ -171,41 +225,162 @@ class LocalFederation:
         # Fresh state each launch: nodes of an earlier launch would otherwise be sampled and time out.
         for stale in home.glob("state.db*"):
             stale.unlink()
-        argv = [str(self.bin / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"]
-        if self.s.mode == "simulation":
-            argv.append("--simulation")
+        fed = self.provision(port) if self.secure else None
+        argv = superlink_argv(fed, self.bin, "127.0.0.1", port, home / "state.db", simulation=self.s.mode == "simulation")
         proc = self.procs.start("superlink", argv, {**self.env, "FLWR_HOME": str(home / "flwr-home")})
         address = f"127.0.0.1:{port}"
-        self.procs.wait_until("the SuperLink to answer", lambda: _http_ok(f"http://{address}/health"), STARTUP_TIMEOUT_S, proc)
+        if fed is None:
+            ready = lambda: _http_ok(f"http://{address}/health")  # noqa: E731
+        else:
+            tls = ssl.create_default_context(cafile=str(fed.ca_cert))
+            ready = lambda: _http_ok(f"https://{address}/health", verify=tls)  # noqa: E731
+        self.procs.wait_until("the SuperLink to answer", ready, STARTUP_TIMEOUT_S, proc)
         return address
 
+    def node_home(self, plant: PlantConfig) -> Path:
+        return plant.data_dir.parent.parent / "nodes" / plant.plant_id
+
+    def join_kits(self, plants: list[PlantConfig]) -> dict[str, Path]:
+        """Each plant's key (made once, kept under its node home) registered with the SuperLink; their join kits.
+
+        The registrations (`flwr supernode register`, one process each) run side by side; `add_plant` then
+        checks, records and issues each kit as `maxfl federation add-plant` does.
+        """
+        fed = self.federation
+        assert fed is not None
+        new = [p for p in plants if p.plant_id not in self.kits]
+        keys: dict[str, Path] = {}
+        for plant in new:
+            folder = self.node_home(plant) / "keys"
+            if not (folder / PRIVATE_KEY_NAME).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                keygen(folder, comment=f"{plant.plant_id}@maxfl-local")
+            keys[plant.plant_id] = folder / PUBLIC_KEY_NAME
+        with ThreadPoolExecutor(max_workers=max(1, len(new))) as pool:
+            node_ids = dict(zip(keys, pool.map(lambda pid: flwr_register(fed, keys[pid], pid), keys), strict=True))
+        for plant_id, public_key in keys.items():
+            _, self.kits[plant_id] = add_plant(fed, plant_id, public_key, register=lambda *_, n=node_ids[plant_id]: n)
+        return {p.plant_id: self.kits[p.plant_id] for p in plants}
+
     def start_plants(self, superlink: str, plants: list[PlantConfig]) -> None:
+        """Each plant's SuperNode (and warm executor); secure: from its join kit, as `maxfl plant join` starts it.
+
+        All SuperNodes start before any is waited for (their start-ups overlap); each warm executor starts once
+        its SuperNode is connected, so a plant the SuperLink refuses fails fast, in one line, with nothing left.
+        """
+        kits = self.join_kits(plants) if self.secure else {}
         for plant in plants:
-            home = plant.data_dir.parent.parent / "nodes" / plant.plant_id
+            home = self.node_home(plant)
             runtime_port = self.reserve_port()
-            supernode = "maxfl-supernode" if self.s.warm else "flower-supernode"
-            argv = [str(self.bin / supernode), "--insecure", "--superlink", superlink,
-                    "--node-config", plant.as_node_config(), "--port", str(runtime_port), "--max-wait-time", "60"]
-            if self.s.warm:
-                argv += ["--isolation", "process"]
+            node_config = plant.as_node_config()
+            if self.secure:
+                plan = prepare_join(kits[plant.plant_id], home / "keys" / PRIVATE_KEY_NAME, node_config, federation="local")  # the plant's own checks
+                argv = supernode_argv(self.bin, superlink, plan.kit.ca_path, plan.key_path, node_config, runtime_port, self.s.warm)
+            else:
+                argv = supernode_argv(self.bin, superlink, None, None, node_config, runtime_port, self.s.warm)
             env = {**self.env, "FLWR_HOME": str(home), "OMP_NUM_THREADS": str(self._threads_per_plant())}
-            node = self.procs.start(f"supernode-{plant.plant_id}", argv, env)
-            if self.s.warm:
-                runtime = f"127.0.0.1:{runtime_port}"
-                self.procs.wait_until(f"{plant.plant_id}'s SuperNode", lambda url=f"http://{runtime}/health": _http_ok(url), STARTUP_TIMEOUT_S, node)
-                self.procs.start(f"warm-exec-{plant.plant_id}",
-                                 [str(self.bin / "maxfl-warm-exec"), "--runtime-api-address", runtime, "--insecure",
-                                  "--parent-pid", str(node.popen.pid)], env)
+            self._launch[plant.plant_id] = (argv, env, runtime_port)
+            self._start_node(plant.plant_id)
+        self.wait_connected([p.plant_id for p in plants])
+
+    def _start_node(self, plant_id: str) -> Managed:
+        """Start the plant's SuperNode; it joins the watched processes once connected (a refused attempt is no crash)."""
+        argv, env, _ = self._launch[plant_id]
+        name = f"supernode-{plant_id}"
+        self._log_offsets[plant_id] = _size(self.procs.log_dir / f"{name}.log")
+        node = self.procs.start(name, argv, env)
+        self.procs.procs.remove(node)
+        self._pending[plant_id] = node
+        return node
+
+    def _connected(self, plant_id: str) -> None:
+        """The SuperNode is in: watch it, and start its warm executor (it talks to the SuperNode's Runtime API)."""
+        node = self._pending.pop(plant_id)
+        self.procs.procs.append(node)
+        if self.s.warm:
+            # The Runtime API is the SuperNode's own, on loopback, plain HTTP (Flower serves it with TLS only when
+            # the SuperNode gets --ssl-certfile/--ssl-keyfile; the Fleet connection's TLS does not change it).
+            _, env, runtime_port = self._launch[plant_id]
+            self.procs.start(f"warm-exec-{plant_id}", warm_exec_argv(self.bin, runtime_port, node.popen.pid), env)
+
+    def _node(self, plant_id: str) -> Managed:
+        if plant_id in self._pending:
+            return self._pending[plant_id]
+        for managed in reversed(self.procs.procs):
+            if managed.name == f"supernode-{plant_id}":
+                return managed
+        raise ProcessError(f"{plant_id}'s SuperNode is not running")
+
+    def _node_log(self, plant_id: str) -> str:
+        """What the plant's SuperNode logged since its latest start."""
+        try:
+            with open(self.procs.log_dir / f"supernode-{plant_id}.log", "rb") as fh:
+                fh.seek(self._log_offsets.get(plant_id, 0))
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _plant_failure(self, plant_id: str) -> UserError:
+        """Why a plant's SuperNode stopped before it connected, in one line; it is taken out of the group."""
+        node = self._node(plant_id)
+        node.popen.wait(timeout=30)
+        code, tail, log_path = node.popen.returncode, node.tail(), node.log_path
+        self.stop_plant(plant_id)
+        if rejected_by_superlink(self._node_log(plant_id)):
+            return NotRegisteredError(not_registered_message(plant_id))
+        return ProcessError(f"supernode-{plant_id} exited with code {code}: {tail} (log: {log_path})")
+
+    def _active(self, plant_id: str) -> bool:
+        record = self.federation.plants().plants.get(plant_id) if self.federation else None
+        return record is not None and record.status == "active"
+
+    def wait_connected(self, plant_ids: list[str] | None = None, timeout_s: float = STARTUP_TIMEOUT_S) -> dict[str, int]:
+        """Each plant's Flower node id once its SuperNode is connected; a refused key: NotRegisteredError (one line).
+
+        A plant whose previous SuperNode died without saying goodbye (killed, power cut) is refused with its own
+        key until the SuperLink stops counting that one online (2 missed heartbeats: up to 60 s in Flower 1.41).
+        For a plant the anchor lists as active, that refusal is retried until STALE_NODE_S has passed.
+        """
+        waiting = list(plant_ids if plant_ids is not None else [p.plant_id for p in self.plants])
+        found: dict[str, int] = {}
+        retried: set[str] = set()
+        started = time.monotonic()
+        while waiting:
+            for plant_id in list(waiting):
+                if (node_id := node_id_from_log(self._node_log(plant_id))) is not None:
+                    found[plant_id] = node_id
+                    waiting.remove(plant_id)
+                    if plant_id in self._pending:
+                        self._connected(plant_id)
+                elif self._node(plant_id).popen.poll() is not None:
+                    error = self._plant_failure(plant_id)
+                    if isinstance(error, NotRegisteredError) and self._active(plant_id) and time.monotonic() - started < STALE_NODE_S:
+                        if plant_id not in retried:
+                            retried.add(plant_id)
+                            self.echo(f"{plant_id}: refused while the SuperLink still counts its previous SuperNode online "
+                                      f"(it stopped abruptly); retrying for up to {STALE_NODE_S:.0f}s")
+                        time.sleep(2.0)
+                        self._start_node(plant_id)
+                        continue
+                    raise error
+            if waiting and time.monotonic() - started > max(timeout_s, STALE_NODE_S):
+                raise ProcessError(f"timed out after {timeout_s:.0f}s waiting for {', '.join(waiting)} to connect to the SuperLink (logs: {self.procs.log_dir})")
+            if waiting:
+                time.sleep(0.1)
+        return found
 
     def stop_plant(self, plant_id: str) -> None:
         """Take a plant's SuperNode (and its executor) offline, as a plant that loses its link would be."""
-        for managed in [m for m in self.procs.procs if m.name in (f"supernode-{plant_id}", f"warm-exec-{plant_id}")]:
-            managed.popen.terminate()
+        pending = [self._pending.pop(plant_id)] if plant_id in self._pending else []
+        for managed in pending + [m for m in self.procs.procs if m.name in (f"supernode-{plant_id}", f"warm-exec-{plant_id}")]:
+            if managed.popen.poll() is None:
+                managed.popen.terminate()
             managed.popen.wait(timeout=30)
-            self.procs.procs.remove(managed)  # stopped on purpose: the watchdog must not take it for a crash
+            if managed in self.procs.procs:
+                self.procs.procs.remove(managed)  # stopped on purpose: the watchdog must not take it for a crash
 
     def restart_plant(self, plant_id: str) -> None:
+        """Start a stopped plant again (same key, same node id when secure); returns once it is connected."""
         self.start_plants(self.superlink, [p for p in self.plants if p.plant_id == plant_id])
 
     def _threads_per_plant(self) -> int:
@@ -213,8 +388,10 @@ class LocalFederation:
         return max(1, (os.cpu_count() or 1) // self.s.plants)
 
     def write_cli_config(self, superlink: str) -> Path:
+        """The Flower CLI config `flwr run`/`maxfl model push` use: the Control API over TLS verified with the CA."""
         home = self.work / "cli"
-        lines = ["[superlink]", 'default = "local"', "", "[superlink.local]", f'address = "{superlink}"', "insecure = true"]
+        transport = f'root-certificates = "{self.federation.ca_cert}"' if self.secure and self.federation else "insecure = true"
+        lines = ["[superlink]", 'default = "local"', "", "[superlink.local]", f'address = "{superlink}"', transport]
         if self.s.mode == "simulation":
             lines.append(f"options.num-supernodes = {self.s.plants}")
         atomic_write_text(home / "config.toml", "\n".join(lines) + "\n")
@@ -293,16 +470,23 @@ class LocalFederation:
             if self.s.tracking_uri:
                 self.tracking_uri = self.s.tracking_uri.rstrip("/")
                 check_reachable(self.tracking_uri)
+                self.echo(f"MLflow tracking server: {self.tracking_uri}")
             else:
                 assert mlflow_port is not None
-                self.tracking_uri = self.start_mlflow(mlflow_port)
-            self.echo(f"MLflow tracking server: {self.tracking_uri}")
+                self.tracking_uri = self.launch_mlflow(mlflow_port)  # answers by the time the plants are up
             superlink = self.superlink = self.start_superlink(superlink_port)
-            self.echo(f"SuperLink ({self.s.mode}): {superlink}")
-            self.base_overrides = {**self.s.run_overrides, "tracking-uri": self.tracking_uri}
+            security = "TLS + SuperNode authentication" if self.secure else "INSECURE: no TLS, no node authentication"
+            self.echo(f"SuperLink ({self.s.mode}, {security}): {superlink}")
+            # The anchor's audit log persists across launches, like its MLflow store (the demo CA does not).
+            self.base_overrides = {**self.s.run_overrides, "tracking-uri": self.tracking_uri, "audit-log": str(self.audit_log)}
             if self.s.mode == "deployment":
                 self.start_plants(superlink, self.plants)
-                self.echo(f"plants: {', '.join(p.plant_id for p in self.plants)} (SuperNodes started)")
+                joined = " (registered, joined with their kits)" if self.secure else ""
+                self.echo(f"plants: {', '.join(p.plant_id for p in self.plants)} (SuperNodes connected){joined}")
+            if not self.s.tracking_uri:
+                self.await_mlflow(self.tracking_uri)
+                self.echo(f"MLflow tracking server: {self.tracking_uri}")
+            if self.s.mode == "deployment":
                 if cfg.release:
                     self.start_edge_servers(self.plants, cfg.model_name())
                     self.echo(f"edge servers: {', '.join(f'{p} {u}' for p, u in self.edge_urls.items())}")
@@ -316,6 +500,8 @@ class LocalFederation:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for plant_id in list(self._pending):
+            self.stop_plant(plant_id)
         killed = self.procs.stop_all()
         if killed:
             log.warning("had to kill %d process(es) that ignored SIGTERM: %s", len(killed), killed)
@@ -428,11 +614,18 @@ def _http_answers(url: str) -> bool:
         return False
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, verify: ssl.SSLContext | bool = True) -> bool:
     try:
-        return httpx.get(url, timeout=1.0).is_success
+        return httpx.get(url, timeout=1.0, verify=verify).is_success
     except httpx.HTTPError:
         return False
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 # The exception that ended a ServerApp, as Flower's log stream shows it: "...RunAborted: round 1: ..."

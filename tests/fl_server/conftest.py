@@ -17,9 +17,17 @@ class RecordingTracker:
     def __init__(self) -> None:
         self.metrics: dict[tuple[str, int], float] = {}
         self.plants: set[str] = set()
+        self.events: list[tuple[str, dict]] = []
 
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, metrics, step, synchronous=False):
         self.metrics.update({(k, step): v for k, v in metrics.items()})
+
+    def ensure_logged(self, metrics, step):
+        if not any(s == step for _, s in self.metrics):
+            self.log_metrics(metrics, step)
+
+    def audit_event(self, event, **details):
+        self.events.append((event, details))
 
     def note_plants(self, plants):
         self.plants |= set(plants)

@@ -19,6 +19,8 @@ def test_per_plant_and_aggregate_metrics_are_logged_at_the_round_step(tracker, r
     strategy = _strategy(tracker)
     arrays, metrics = strategy.aggregate_train(2, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 4.0, 30, 0.9)])
     assert np.allclose(arrays.to_numpy_ndarrays()[0], 3.25)  # weighted by examples: (1*10 + 4*30) / 40
+    assert tracker.metrics == {}  # a round is logged once it is complete (and checkpointed)
+    strategy.aggregate_evaluate(2, [])
     assert tracker.metrics[("plant-1/train_loss", 2)] == 0.5
     assert tracker.metrics[("plant-2/num-examples", 2)] == 30
     assert tracker.metrics[("train_loss", 2)] == pytest.approx((0.5 * 10 + 0.9 * 30) / 40)
@@ -29,8 +31,10 @@ def test_per_plant_and_aggregate_metrics_are_logged_at_the_round_step(tracker, r
 def test_a_failed_plant_is_skipped_while_enough_plants_remain(tracker, reply, failure):
     strategy = _strategy(tracker, min_plants=1)
     arrays, _ = strategy.aggregate_train(1, [reply(11, "plant-1", 2.0, 10, 0.5), failure(12, "disk full")])
+    strategy.aggregate_evaluate(1, [])
     assert np.allclose(arrays.to_numpy_ndarrays()[0], 2.0)
     assert tracker.plants == {"plant-1"}
+    assert tracker.events == [("plant.failed", {"round": 1, "phase": "train", "plant": "node-12", "reason": "disk full"})]
 
 
 def test_run_stops_with_every_plants_reason_when_too_few_answer(tracker, reply, failure):
@@ -63,6 +67,7 @@ def test_metrics_only_some_plants_report_are_logged_per_plant_and_left_out_of_th
     a, b = reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 3.0, 10, 0.7)
     a.content["metrics"]["eval_detection_idv06"] = 0.9
     strategy.aggregate_train(1, [a, b])
+    strategy.aggregate_evaluate(1, [])
     assert tracker.metrics[("plant-1/eval_detection_idv06", 1)] == 0.9
     assert ("eval_detection_idv06", 1) not in tracker.metrics
     assert tracker.metrics[("train_loss", 1)] == pytest.approx(0.6)
@@ -73,6 +78,7 @@ def test_epsilon_is_logged_per_plant_and_as_the_largest_never_as_an_average(trac
     a, b = reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 3.0, 30, 0.7)
     a.content["metrics"]["dp_epsilon"], b.content["metrics"]["dp_epsilon"] = 1.5, 2.5
     strategy.aggregate_train(1, [a, b])
+    strategy.aggregate_evaluate(1, [])
     assert tracker.metrics[("plant-1/dp_epsilon", 1)] == 1.5 and tracker.metrics[("plant-2/dp_epsilon", 1)] == 2.5
     assert tracker.metrics[("dp_epsilon_max", 1)] == 2.5
     assert ("dp_epsilon", 1) not in tracker.metrics
@@ -82,4 +88,13 @@ def test_federated_evaluation_every_k_rounds_and_always_the_final_model(tracker)
     strategy = TrackedStrategy(FedAvg(), tracker, min_plants=1, num_rounds=7, evaluate_every=3)
     assert [r for r in range(1, 8) if strategy.evaluates(r)] == [3, 6, 7]
     assert list(strategy.configure_evaluate(2, ArrayRecord(), ConfigRecord(), grid=None)) == []
-    assert strategy.aggregate_evaluate(2, []) is None and tracker.metrics == {}
+    assert strategy.aggregate_evaluate(2, []) is None
+    assert {k for k, _ in tracker.metrics} == {"round_wall_s", "round_overhead_s"}  # no evaluation was logged
+
+
+def test_a_plant_whose_update_was_rejected_does_not_count_as_a_contributor(tracker, reply):
+    strategy = _strategy(tracker, min_plants=1)
+    strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=type("G", (), {"get_node_ids": lambda self: [11, 12]})())
+    strategy.reject("plant-2")  # what update validation reports
+    strategy.aggregate_train(1, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 4.0, 30, 0.9)])
+    assert tracker.plants == {"plant-1"}

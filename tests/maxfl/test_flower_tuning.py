@@ -36,3 +36,16 @@ def test_other_flower_versions_are_left_alone(monkeypatch):
     assert not flower_tuning.cap_module_sleeps(module, 0.01)
     assert module.time is time
     assert not flower_tuning.tune_object_pulls(0.05, 0.5)
+    assert not flower_tuning.tune_node_heartbeat(10)
+
+
+def test_node_heartbeat_is_announced_and_sent_at_the_tuned_interval_never_below_flowers_minimum(monkeypatch):
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    monkeypatch.setattr(fleet_http_connection, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    assert flower_tuning.tune_node_heartbeat(12)
+    assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 12
+    assert flower_tuning.tune_node_heartbeat(1)  # the SuperLink rejects intervals under its minimum (10 s)
+    assert fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10

@@ -1,0 +1,579 @@
+"""The anchor's provisioning: a federation's CA and SuperLink certificate, join kits, registering and revoking plants.
+
+Layout of a federation folder (`maxfl federation init --dir D`):
+
+    D/federation.json      FederationInfo: name, SuperLink address as plants reach it, CA fingerprint
+    D/ca.crt, D/ca.key     the federation's CA (the key: 0600, needed only to issue SuperLink certificates)
+    D/superlink.crt/.key   the SuperLink's TLS certificate (chain: leaf + CA) and key
+    D/flwr-home/           the anchor's Flower CLI config: the Control API over TLS, verified with the CA
+    D/plants.json          every plant ever added: key fingerprint, Flower node id, active/revoked
+    D/kits/<plant-id>/     the join kit sent to a plant: ca.crt, kit.json, README.md
+    D/audit.jsonl          append-only audit log (maxfl.audit): plant.joined, plant.revoked, ...
+
+Trust model: plants verify the SuperLink with the CA in their kit (TLS); the SuperLink admits only SuperNodes
+whose public key the anchor registered (Flower's SuperNode authentication; the plant proves possession of
+the private key on every request). Adding or revoking one plant changes that plant's registration, record and
+kit only. Registration goes through Flower's Control API (`flwr supernode register/unregister`); the
+functions that do it are parameters, so tests (and other transports) can stand in for them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fl_client.config import PLANT_ID_PATTERN
+from fl_client.join import (
+    FEDERATION_NAME_PATTERN, KIT_CA, KIT_FILE, KIT_README, PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, JoinError, JoinKit, cert_fingerprint, describe_ca, is_ip,
+    key_fingerprint, load_certificate, load_public_key, now_utc, short, split_address, write_file,
+)
+from maxfl.atomic import atomic_write_text, fsync_dir
+from maxfl.audit import AuditLog
+from maxfl.errors import UserError, describe_validation_error
+
+FEDERATION_FILE = "federation.json"
+PLANTS_FILE = "plants.json"
+AUDIT_FILE = "audit.jsonl"
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+SUPERLINK_CERT, SUPERLINK_KEY = "superlink.crt", "superlink.key"
+FLWR_HOME = "flwr-home"
+KITS = "kits"
+STATE_DB = "superlink-state.db"
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+class ProvisionError(UserError):
+    """The federation folder, a plant or the SuperLink is not in the state a provisioning command needs."""
+
+
+class SuperLinkUnreachable(ProvisionError):
+    exit_code = 3
+
+
+class FederationInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=FEDERATION_NAME_PATTERN)
+    superlink_address: str  # host:port, as the plants reach the SuperLink
+    control_address: str  # host:port, as the anchor's own CLI reaches the Control API
+    created: datetime
+    ca_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sans: list[str]
+    contact: str = ""  # whom a plant's IT person contacts (printed in every kit's README)
+
+
+class PlantRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plant_id: str = Field(pattern=PLANT_ID_PATTERN)
+    key_fingerprint: str
+    public_key: str  # the OpenSSH line the plant sent
+    node_id: int
+    status: Literal["active", "revoked"]
+    joined_at: datetime
+    revoked_at: datetime | None = None
+
+
+class PlantBook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plants: dict[str, PlantRecord] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Federation:
+    dir: Path
+    info: FederationInfo
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / CA_CERT
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / CA_KEY
+
+    @property
+    def superlink_cert(self) -> Path:
+        return self.dir / SUPERLINK_CERT
+
+    @property
+    def superlink_key(self) -> Path:
+        return self.dir / SUPERLINK_KEY
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.dir / FLWR_HOME
+
+    @property
+    def plants_file(self) -> Path:
+        return self.dir / PLANTS_FILE
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.dir / AUDIT_FILE)
+
+    def kit_dir(self, plant_id: str) -> Path:
+        return self.dir / KITS / plant_id
+
+    def plants(self) -> PlantBook:
+        if not self.plants_file.exists():
+            return PlantBook()
+        try:
+            return PlantBook.model_validate_json(self.plants_file.read_text(encoding="utf-8"))
+        except ValidationError as exc:
+            raise ProvisionError(describe_validation_error(exc, str(self.plants_file))) from None
+
+    def save_plants(self, book: PlantBook) -> None:
+        atomic_write_text(self.plants_file, book.model_dump_json(indent=2) + "\n")
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """One provisioning command at a time per federation folder (two add-plants must not lose a record)."""
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def load_federation(folder: Path) -> Federation:
+    path = folder / FEDERATION_FILE
+    if not path.is_file():
+        raise ProvisionError(f"{folder} is not a federation folder (no {FEDERATION_FILE}); create one with `maxfl federation init --dir {folder}`")
+    try:
+        info = FederationInfo.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        raise ProvisionError(describe_validation_error(exc, str(path))) from None
+    return Federation(folder.resolve(), info)
+
+
+# ---------------------------------------------------------------- certificates
+def _ski(key: ec.EllipticCurvePublicKey) -> x509.SubjectKeyIdentifier:
+    return x509.SubjectKeyIdentifier.from_public_key(key)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_ca(name: str, days: int, now: datetime | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    now = now or now_utc()
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "maxfl"), x509.NameAttribute(NameOID.COMMON_NAME, f"maxfl federation {name} CA")])
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(_ski(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return cert, key
+
+
+def _san_entry(host: str) -> x509.GeneralName:
+    return x509.IPAddress(ipaddress.ip_address(host)) if is_ip(host) else x509.DNSName(host)
+
+
+def server_names(superlink_address: str, extra: Sequence[str] = ()) -> list[str]:
+    """The SuperLink certificate's names: the address's host, loopback (the anchor's own CLI and ServerApp), --san."""
+    host, _ = split_address(superlink_address)
+    names: list[str] = []
+    for name in (host, "127.0.0.1", "localhost", *extra):
+        name = name.strip().lower()
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def issue_server_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, names: Sequence[str], days: int,
+                      now: datetime | None = None, not_before: datetime | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A TLS server certificate for the SuperLink, signed by the CA, never outliving it."""
+    now = now or now_utc()
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_after = min(now + timedelta(days=days), ca.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "maxfl"),
+                                                          x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - timedelta(minutes=5)).not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([_san_entry(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=True, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(_ski(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)  # type: ignore[arg-type]
+        .sign(ca_key, hashes.SHA384())
+    )
+    return cert, key
+
+
+def _write_superlink_cert(folder: Path, ca: x509.Certificate, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    write_file(folder / SUPERLINK_KEY, _pem_key(key), 0o600)
+    write_file(folder / SUPERLINK_CERT, _pem(cert) + _pem(ca), 0o644)  # the chain: plants see which CA signed it
+
+
+def flwr_config_text(info: FederationInfo, ca_path: Path) -> str:
+    """The anchor's Flower CLI config: the Control API over TLS, the certificate checked with the federation's CA."""
+    return (f'[superlink]\ndefault = "{info.name}"\n\n[superlink.{info.name}]\naddress = "{info.control_address}"\n'
+            f'root-certificates = "{ca_path.resolve()}"\n')
+
+
+def init_federation(folder: Path, name: str, superlink_address: str, sans: Sequence[str] = (), ca_days: int = 3650, days: int = 397,
+                    control_address: str | None = None, contact: str = "", now: datetime | None = None) -> Federation:
+    """A new CA, the SuperLink's certificate, the anchor's Flower CLI config and an empty audit log in `folder`.
+
+    Refuses a folder that already holds a federation (or the remains of one). Files appear in one step each,
+    federation.json last, so an interrupted init leaves no federation.json behind.
+    """
+    now = now or now_utc()
+    folder = folder.resolve()
+    if (folder / FEDERATION_FILE).exists():
+        existing = load_federation(folder).info
+        raise ProvisionError(f"{folder} already holds federation '{existing.name}' (created {existing.created:%Y-%m-%d}); "
+                             "it is not overwritten -- use another --dir")
+    if (folder / CA_KEY).exists():
+        raise ProvisionError(f"{folder} holds a CA key but no {FEDERATION_FILE} (an interrupted init?); it is not overwritten -- "
+                             "delete the folder to start over, or use another --dir")
+    if ca_days < 1 or days < 1:
+        raise ProvisionError("--ca-days and --days must be at least 1")
+    try:
+        host, port = split_address(superlink_address)
+        control = control_address or f"127.0.0.1:{port}"
+        split_address(control)
+    except JoinError as exc:
+        raise ProvisionError(str(exc).replace("SuperLink address", "address")) from None
+    try:
+        names = server_names(superlink_address, sans)
+        for n in names:
+            _san_entry(n)
+    except ValueError as exc:
+        raise ProvisionError(f"--san: {exc}") from None
+    ca, ca_key = make_ca(name, ca_days, now)
+    cert, key = issue_server_cert(ca, ca_key, names, days, now)
+    try:
+        info = FederationInfo(name=name, superlink_address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                              control_address=control, created=now, ca_fingerprint=cert_fingerprint(ca), sans=names, contact=contact)
+    except ValidationError as exc:
+        raise ProvisionError(describe_validation_error(exc, "federation")) from None
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)  # holds the CA key
+    write_file(folder / CA_KEY, _pem_key(ca_key), 0o600)
+    write_file(folder / CA_CERT, _pem(ca), 0o644)
+    _write_superlink_cert(folder, ca, cert, key)
+    atomic_write_text(folder / FLWR_HOME / "config.toml", flwr_config_text(info, folder / CA_CERT))
+    fed = Federation(folder, info)
+    fed.audit.record("federation.created", "anchor", federation=name, superlink=info.superlink_address, ca_sha256=info.ca_fingerprint,
+                     superlink_names=names, ca_not_after=ca.not_valid_after_utc.isoformat(), superlink_not_after=cert.not_valid_after_utc.isoformat())
+    atomic_write_text(folder / FEDERATION_FILE, info.model_dump_json(indent=2) + "\n")
+    return fed
+
+
+def renew_superlink(fed: Federation, days: int = 397, now: datetime | None = None) -> x509.Certificate:
+    """A fresh SuperLink certificate from the same CA and names (plants' kits stay valid); restart the SuperLink."""
+    ca = load_certificate(fed.ca_cert, "the federation's CA certificate")
+    try:
+        ca_key = serialization.load_pem_private_key(fed.ca_key.read_bytes(), None)
+    except FileNotFoundError:
+        raise ProvisionError(f"{fed.ca_key} is missing: only the CA key can issue a SuperLink certificate") from None
+    now = now or now_utc()
+    if now >= ca.not_valid_after_utc:
+        raise ProvisionError(f"the federation CA expired on {ca.not_valid_after_utc:%Y-%m-%d}; a new federation (and new kits) is needed")
+    cert, key = issue_server_cert(ca, ca_key, fed.info.sans, days, now)  # type: ignore[arg-type]
+    _write_superlink_cert(fed.dir, ca, cert, key)
+    fed.audit.record("superlink.renewed", "anchor", not_after=cert.not_valid_after_utc.isoformat(), sha256=cert_fingerprint(cert))
+    return cert
+
+
+# ---------------------------------------------------------------- the SuperLink
+def superlink_argv(fed: Federation | None, bin_dir: Path, host: str, port: int, database: Path | None, simulation: bool = False) -> list[str]:
+    """`flower-superlink` with TLS from the federation and SuperNode authentication; `fed=None`: insecure (demos only)."""
+    argv = [str(bin_dir / "flower-superlink")]
+    if fed is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--ssl-certfile", str(fed.superlink_cert), "--ssl-keyfile", str(fed.superlink_key), "--ssl-ca-certfile", str(fed.ca_cert)]
+        if not simulation:
+            argv.append("--enable-supernode-auth")
+    argv += ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if database is not None:
+        argv += ["--database", str(database)]
+    if simulation:
+        argv.append("--simulation")
+    return argv
+
+
+# ---------------------------------------------------------------- registering with the SuperLink (Control API)
+Register = Callable[["Federation", Path, str], int]
+Unregister = Callable[["Federation", int], None]
+
+
+def _flwr(fed: Federation, args: list[str], options: Sequence[str] = (), timeout_s: float = 60.0) -> dict:
+    """One `flwr` CLI call against the federation's Control API (FLWR_HOME = D/flwr-home); its JSON answer."""
+    argv = [str(Path(sys.executable).parent / "flwr"), *args, fed.info.name, *options, "--format", "json"]
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(fed.flwr_home)}
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise SuperLinkUnreachable(f"the SuperLink's Control API at {fed.info.control_address} did not answer within {timeout_s:.0f}s; "
+                                   f"is it running (`maxfl federation superlink --dir {fed.dir}`)?") from None
+    answer = _last_json(out.stdout)
+    if out.returncode == 0 and answer.get("success"):
+        return answer
+    message = str(answer.get("error-message") or answer.get("error") or out.stderr.strip() or out.stdout.strip() or f"exit code {out.returncode}")
+    message = re.sub(r"^Using SuperLink: .*?\)\s*", "", " ".join(message.split()))
+    lowered = message.lower()
+    if any(s in lowered for s in ("connect", "unreachable", "refused", "timed out", "timeout", "name or service", "nodename")):
+        raise SuperLinkUnreachable(f"the SuperLink's Control API at {fed.info.control_address} is not reachable ({message}); "
+                                   f"start it with `maxfl federation superlink --dir {fed.dir}`")
+    if any(s in lowered for s in ("certificate", "ssl", "tls")):
+        raise SuperLinkUnreachable(f"TLS to the SuperLink's Control API at {fed.info.control_address} failed ({message}); "
+                                   f"is that SuperLink running with {fed.superlink_cert}?")
+    raise ProvisionError(f"`flwr {' '.join(args[:2])}` failed: {message}")
+
+
+def _last_json(stdout: str) -> dict:
+    for line in reversed([ln.strip() for ln in stdout.splitlines() if ln.strip()]):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    try:  # pretty-printed JSON spread over several lines
+        start = stdout.index("{")
+        value = json.loads(stdout[start:])
+        return value if isinstance(value, dict) else {}
+    except ValueError:
+        return {}
+
+
+def flwr_register(fed: Federation, public_key: Path, plant_id: str) -> int:
+    """`flwr supernode register KEY <federation> --name PLANT --format json`: the Flower node id."""
+    answer = _flwr(fed, ["supernode", "register", str(public_key)], ["--name", plant_id])
+    try:
+        return int(answer["node-id"])
+    except (KeyError, TypeError, ValueError):
+        raise ProvisionError(f"`flwr supernode register` answered without a node id: {answer}") from None
+
+
+def flwr_unregister(fed: Federation, node_id: int) -> None:
+    """`flwr supernode unregister NODE_ID <federation> --format json`."""
+    _flwr(fed, ["supernode", "unregister", str(node_id)])
+
+
+# ---------------------------------------------------------------- plants: add, revoke, list
+def add_plant(fed: Federation, plant_id: str, public_key: Path, register: Register = flwr_register, unregister: Unregister = flwr_unregister,
+              now: datetime | None = None) -> tuple[PlantRecord, Path]:
+    """Register the plant's public key with the SuperLink, issue its join kit, record it; other plants untouched.
+
+    Returns the plant's record and its kit folder. Nothing is written unless the SuperLink accepted the key; if
+    writing the kit or the record fails after that, the registration is withdrawn again.
+    """
+    now = now or now_utc()
+    if not re.fullmatch(PLANT_ID_PATTERN, plant_id):
+        raise ProvisionError(f"plant id {plant_id!r} is not allowed: lower-case letters, digits, '-' and '_', at most 63, "
+                             "starting with a letter or digit (e.g. plant-7)")
+    try:
+        key = load_public_key(public_key)
+    except JoinError as exc:
+        raise ProvisionError(str(exc)) from None
+    fp = key_fingerprint(key)
+    ca = load_certificate(fed.ca_cert, "the federation's CA certificate")
+    if now >= ca.not_valid_after_utc:
+        raise ProvisionError(f"the federation CA expired on {ca.not_valid_after_utc:%Y-%m-%d}; a kit issued now would not work")
+    with fed.locked():
+        book = fed.plants()
+        current = book.plants.get(plant_id)
+        if current is not None and current.status == "active":
+            raise ProvisionError(f"plant '{plant_id}' is already active (node {current.node_id}, key sha256 {short(current.key_fingerprint)}); "
+                                 f"revoke it first (`maxfl federation revoke {plant_id}`) to give it a new key")
+        for other in book.plants.values():
+            if other.key_fingerprint == fp:
+                if other.plant_id != plant_id:
+                    raise ProvisionError(f"this key (sha256 {short(fp)}) is already used by plant '{other.plant_id}'; every plant needs its own key "
+                                         "(`maxfl plant keygen` at the plant)")
+                raise ProvisionError(f"this key (sha256 {short(fp)}) was revoked for '{plant_id}' on {other.revoked_at:%Y-%m-%d}; "
+                                     "a revoked key stays revoked -- the plant makes a new one (`maxfl plant keygen`)")
+        node_id = register(fed, public_key, plant_id)
+        try:
+            record = PlantRecord(plant_id=plant_id, key_fingerprint=fp, public_key=public_key.read_text(encoding="utf-8").strip(),
+                                 node_id=node_id, status="active", joined_at=now)
+            kit = JoinKit(federation=fed.info.name, ca_fingerprint=fed.info.ca_fingerprint, superlink_address=fed.info.superlink_address,
+                          plant_id=plant_id, key_fingerprint=fp, node_id=node_id, issued_at=now, ca_not_after=ca.not_valid_after_utc)
+            kit_dir = write_kit(fed, kit)
+            book.plants[plant_id] = record
+            fed.save_plants(book)
+        except BaseException:
+            _try(lambda: unregister(fed, node_id))
+            raise
+        fed.audit.record("plant.joined", "anchor", plant=plant_id, node_id=node_id, key_sha256=fp, kit=str(kit_dir),
+                         superlink=fed.info.superlink_address)
+    return record, kit_dir
+
+
+def _try(action: Callable[[], object]) -> None:
+    try:
+        action()
+    except Exception:  # noqa: BLE001 - best effort while another error is on its way up
+        pass
+
+
+def revoke_plant(fed: Federation, plant_id: str, unregister: Unregister = flwr_unregister, now: datetime | None = None) -> PlantRecord:
+    """Withdraw the plant's key at the SuperLink (a connected SuperNode is dropped within seconds); others untouched."""
+    now = now or now_utc()
+    with fed.locked():
+        book = fed.plants()
+        record = book.plants.get(plant_id)
+        if record is None:
+            known = ", ".join(sorted(book.plants)) or "none yet"
+            raise ProvisionError(f"no plant '{plant_id}' in this federation (plants: {known})")
+        if record.status == "revoked":
+            raise ProvisionError(f"plant '{plant_id}' was already revoked on {record.revoked_at:%Y-%m-%d %H:%M} UTC")
+        unregister(fed, record.node_id)
+        revoked = record.model_copy(update={"status": "revoked", "revoked_at": now})
+        book.plants[plant_id] = revoked
+        fed.save_plants(book)
+        fed.audit.record("plant.revoked", "anchor", plant=plant_id, node_id=record.node_id, key_sha256=record.key_fingerprint)
+    return revoked
+
+
+def write_kit(fed: Federation, kit: JoinKit) -> Path:
+    """D/kits/<plant-id>/ (ca.crt, kit.json, README.md), replaced as a whole: a reader never sees half a kit."""
+    target = fed.kit_dir(kit.plant_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{kit.plant_id}.", dir=target.parent))
+    try:
+        shutil.copyfile(fed.ca_cert, staging / KIT_CA)
+        (staging / KIT_FILE).write_text(kit.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        (staging / KIT_README).write_text(kit_readme(fed, kit), encoding="utf-8")
+        for f in staging.iterdir():
+            os.chmod(f, 0o644)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(staging, 0o755)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{kit.plant_id}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(staging, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def kit_readme(fed: Federation, kit: JoinKit) -> str:
+    contact = fed.info.contact or "the anchor's federation team (the people who sent you this kit)"
+    ca = load_certificate(fed.ca_cert, "the federation's CA certificate")
+    host, port = split_address(kit.superlink_address)
+    return f"""# Join kit: {kit.plant_id} in federation `{kit.federation}`
+
+Issued {kit.issued_at:%Y-%m-%d %H:%M} UTC by the anchor of `{kit.federation}`. For the IT person of plant
+`{kit.plant_id}`. Nothing in this folder is secret; the plant's private key never leaves the plant and is not
+part of it.
+
+## What each file is
+| file | what it is |
+| --- | --- |
+| `ca.crt` | the federation's CA certificate: your SuperNode trusts the anchor's SuperLink only if its certificate was signed by this CA. Fingerprint (SHA-256): `{kit.ca_fingerprint}`; valid until {kit.ca_not_after:%Y-%m-%d}. |
+| `kit.json` | connection settings: federation `{kit.federation}`, SuperLink `{kit.superlink_address}`, this plant's id `{kit.plant_id}`, the fingerprint of the public key the anchor registered for you (`{kit.key_fingerprint}`), your node id `{kit.node_id}`. |
+| `README.md` | this file. |
+
+Your private key is the `{PRIVATE_KEY_NAME}` that `maxfl plant keygen` wrote next to the `{PUBLIC_KEY_NAME}` you sent
+the anchor. Keep it on this machine, readable only by the account that runs the SuperNode.
+
+## Network
+This machine opens one outbound TCP connection (HTTPS) to `{host}` port `{port}`. Nothing needs to reach this
+machine from outside.
+
+## The two commands
+```
+# 1. check everything without starting anything: kit, key, CA, and a real TLS handshake with the SuperLink
+maxfl plant join --kit <this folder> --key <path to {PRIVATE_KEY_NAME}> --federation {kit.federation} --check \\
+    --node-config 'plant-id="{kit.plant_id}" data-dir="/path/to/your/data" max-epsilon=8.0'
+
+# 2. join: runs the plant's SuperNode (and its ClientApp executor) until Ctrl-C or SIGTERM
+maxfl plant join --kit <this folder> --key <path to {PRIVATE_KEY_NAME}> --federation {kit.federation} \\
+    --node-config 'plant-id="{kit.plant_id}" data-dir="/path/to/your/data" max-epsilon=8.0'
+```
+`--node-config` is yours: your data folder, your privacy ceiling (`max-epsilon`), your ledger. The anchor
+cannot change it.
+
+## How to check the connection
+- `--check` ends with `ok: ... TLS handshake with {kit.superlink_address} verified by the federation CA`.
+- `maxfl plant join` prints `connected as node {kit.node_id}` once the SuperLink accepted your key.
+- The anchor sees your plant as online in `flwr supernode ls` / `maxfl federation plants`.
+
+If a check fails, the command says what is wrong in one line: a wrong key, a kit for another plant or another
+federation, an expired CA, a SuperLink that cannot be reached or presents a certificate this CA did not sign,
+or a key the SuperLink does not know (not registered yet, or revoked).
+
+## Whom to contact
+{contact}. Quote the federation (`{kit.federation}`), your plant id (`{kit.plant_id}`) and the CA fingerprint
+above. The CA ({describe_ca(ca)}) expires on {kit.ca_not_after:%Y-%m-%d}; the anchor sends a new kit before that.
+"""
+
+
+# ---------------------------------------------------------------- expiry
+@dataclass(frozen=True)
+class CertExpiry:
+    what: str
+    path: Path
+    subject: str
+    not_after: datetime
+    days_left: int  # whole days, truncated toward zero (negative: days since it expired)
+    expired: bool
+
+
+def expiry(fed: Federation, now: datetime | None = None) -> list[CertExpiry]:
+    """Every certificate the federation depends on -- CA, SuperLink, the CA copy in each kit -- soonest first."""
+    now = now or now_utc()
+    found: list[tuple[str, Path]] = [("CA", fed.ca_cert), ("SuperLink", fed.superlink_cert)]
+    kits = fed.dir / KITS
+    if kits.is_dir():
+        found += [(f"kit {d.name} CA", d / KIT_CA) for d in sorted(kits.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    rows = []
+    for what, path in found:
+        try:
+            cert = load_certificate(path, f"{what} certificate")
+        except JoinError as exc:
+            raise ProvisionError(str(exc)) from None
+        left = cert.not_valid_after_utc - now
+        rows.append(CertExpiry(what, path, describe_subject(cert), cert.not_valid_after_utc, int(left.total_seconds() / 86400), left.total_seconds() <= 0))
+    return sorted(rows, key=lambda r: (r.not_after, r.what))
+
+
+def describe_subject(cert: x509.Certificate) -> str:
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else cert.subject.rfc4514_string()
