@@ -313,8 +313,14 @@ def renew_superlink(fed: Federation, days: int = 397, now: datetime | None = Non
 
 
 # ---------------------------------------------------------------- the SuperLink
-def superlink_argv(fed: Federation | None, bin_dir: Path, host: str, port: int, database: Path | None, simulation: bool = False) -> list[str]:
-    """`flower-superlink` with TLS from the federation and SuperNode authentication; `fed=None`: insecure (demos only)."""
+def superlink_argv(fed: Federation | None, bin_dir: Path, host: str, port: int, database: Path | None, simulation: bool = False,
+                   superexec_secret: Path | None = None) -> list[str]:
+    """`flower-superlink` with TLS from the federation and SuperNode authentication; `fed=None`: insecure (demos only).
+
+    With `superexec_secret`, ServerApps run in process isolation: only a `flower-superexec` holding the same secret
+    may pick them up from the Runtime API, which Flower 1.41 serves on the public port (subprocess isolation
+    ignores the secret).
+    """
     argv = [str(bin_dir / "flower-superlink")]
     if fed is None:
         argv.append("--insecure")
@@ -327,6 +333,8 @@ def superlink_argv(fed: Federation | None, bin_dir: Path, host: str, port: int, 
         argv += ["--database", str(database)]
     if simulation:
         argv.append("--simulation")
+    if superexec_secret is not None:
+        argv += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     return argv
 
 

@@ -59,6 +59,8 @@ def superlink(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     database: Annotated[Path | None, typer.Option(help="SuperLink state (registered plants, runs); default DIR/superlink-state.db.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local demos only.")] = False,
+    superexec_secret_file: Annotated[Path | None, typer.Option(help="Run ServerApps in process isolation: only a `flower-superexec "
+                                     "--superexec-auth-secret-file` with this secret may pick them up (see compose/).")] = None,
 ) -> None:
     """Run the SuperLink in the foreground: TLS with the federation's certificate and SuperNode authentication."""
     from fl_client.join import split_address
@@ -70,7 +72,11 @@ def superlink(
     if insecure:
         err_console.print("[yellow]warning:[/yellow] --insecure: no TLS and no SuperNode authentication -- any process that reaches "
                           f"port {listen} can join as a plant and read the traffic; local demos only")
-    argv = superlink_argv(None if insecure else fed, bin_dir, host, listen, database or fed.dir / STATE_DB)
+    if superexec_secret_file is not None and not superexec_secret_file.is_file():
+        raise ConfigError(f"--superexec-secret-file {superexec_secret_file} does not exist; write a long random secret there "
+                          "(e.g. `openssl rand -hex 32`) and give the same file to flower-superexec")
+    argv = superlink_argv(None if insecure else fed, bin_dir, host, listen, database or fed.dir / STATE_DB,
+                          superexec_secret=superexec_secret_file)
     env = {**os.environ, **QUIET_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # it starts flower-superexec
     console.print(f"SuperLink of '{fed.info.name}' on {host}:{listen} ({'INSECURE' if insecure else 'TLS + SuperNode authentication'})")
     proc = subprocess.Popen(argv, env=env)

@@ -47,6 +47,8 @@ from tasks.base import TaskOptions, resolve_model
 log = logging.getLogger("maxfl")
 
 STARTUP_TIMEOUT_S = 120.0
+# A plant's processes (by name prefix): their death is the run's business (min-plants), not the launcher's.
+PLANT_PROCESSES = ("supernode-", "warm-exec-", "edge-")
 # Flower 1.41 counts a SuperNode online until 2 heartbeats (2 x 30 s) are missed; until then its key is refused
 # to another SuperNode (a restart after a kill). Retried this long for plants the anchor lists as active.
 STALE_NODE_S = 75.0
@@ -404,7 +406,7 @@ class LocalFederation:
         env = {**self.env, "FLWR_HOME": str(cli_home)}
         argv = [str(self.bin / "flwr"), "run", str(self.s.app_dir), "local", "--stream", "--run-config", str(cfg_file)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True)
-        watchdog = _Watchdog(self.procs, proc)
+        watchdog = _Watchdog(self.procs, proc, self.echo)
         watchdog.start()
         run_id = None
         assert proc.stdout is not None
@@ -583,22 +585,28 @@ class LocalFederation:
 
 
 class _Watchdog(threading.Thread):
-    """Stops `flwr run` when a federation process dies, so a dead SuperNode does not hang the run."""
+    """Stops `flwr run` when an anchor process (MLflow, the SuperLink) dies, so the run does not hang.
 
-    def __init__(self, procs: ProcessGroup, runner: subprocess.Popen[str]) -> None:
+    A plant that dies does not stop the run: the ServerApp goes on without it for as long as `min-plants`
+    remain (each round waits at most `round-timeout-s`). The watchdog reports it once and lets it go.
+    """
+
+    def __init__(self, procs: ProcessGroup, runner: subprocess.Popen[str], echo: Callable[[str], None]) -> None:
         super().__init__(daemon=True)
-        self.procs, self.runner = procs, runner
+        self.procs, self.runner, self.echo = procs, runner, echo
         self.error: ProcessError | None = None
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(0.5):
-            try:
-                self.procs.check_alive()
-            except ProcessError as exc:
-                self.error = exc
-                self.runner.terminate()
-                return
+            for managed in [m for m in self.procs.procs if m.popen.poll() is not None]:
+                problem = f"{managed.name} exited with code {managed.popen.returncode}: {managed.tail()} (log: {managed.log_path})"
+                if not managed.name.startswith(PLANT_PROCESSES):
+                    self.error = ProcessError(problem)
+                    self.runner.terminate()
+                    return
+                self.echo(f"WARNING: {problem}; the run goes on without it")
+                self.procs.procs.remove(managed)  # reported once; stop_all still reaps what it left
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -397,8 +397,8 @@ def test_images_build_from_the_dockerfile_targets(stack: str) -> None:
 
 # ================================================================ the anchor
 def test_the_superlink_runs_what_maxfl_federation_superlink_runs_plus_process_isolation() -> None:
-    """The command is `maxfl federation superlink --dir /federation`'s flower-superlink argv, plus the two flags
-    that move the ServerApp into its own container: a change to fl_server.provision.superlink_argv shows here."""
+    """The command is the flower-superlink argv of `maxfl federation superlink --dir /federation --superexec-secret-file
+    ...` (process isolation: the ServerApp in its own container): a change to fl_server.provision.superlink_argv shows here."""
     try:
         from fl_server.provision import Federation, FederationInfo, superlink_argv
     except ImportError as exc:  # pragma: no cover - the anchor's provisioning is part of the project
@@ -408,9 +408,9 @@ def test_the_superlink_runs_what_maxfl_federation_superlink_runs_plus_process_is
     assert args[0] == "flower-superlink"
     port, database = int(flag(args, "--port")), Path(flag(args, "--database"))
     fed = Federation(Path("/federation"), FederationInfo.model_construct(name="anchor"))
-    expected = superlink_argv(fed, Path("/opt/maxfl/bin"), flag(args, "--host"), port, database)
-    extra = ["--isolation", "process", "--superexec-auth-secret-file", flag(args, "--superexec-auth-secret-file")]
-    assert args == [Path(expected[0]).name, *expected[1:], *extra]
+    expected = superlink_argv(fed, Path("/opt/maxfl/bin"), flag(args, "--host"), port, database,
+                              superexec_secret=Path(flag(args, "--superexec-auth-secret-file")))
+    assert args == [Path(expected[0]).name, *expected[1:]]
     ns = parse_flower_superlink(args[1:])
     assert ns.enable_supernode_auth and not ns.insecure and ns.isolation == "process"
     assert ns.runtime_dependency_install is False

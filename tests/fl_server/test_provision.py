@@ -159,6 +159,8 @@ def test_superlink_argv_runs_tls_with_node_authentication(fed):
     assert "--disable-runtime-dependency-installation" in argv
     insecure = superlink_argv(None, Path("/venv/bin"), "127.0.0.1", 9092, None)
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure and "--ssl-certfile" not in insecure
+    isolated = superlink_argv(fed, Path("/venv/bin"), "0.0.0.0", 9092, None, superexec_secret=Path("/run/secret"))
+    assert isolated[-4:] == ["--isolation", "process", "--superexec-auth-secret-file", "/run/secret"]
 
 
 # ---------------------------------------------------------------- plants
