@@ -53,8 +53,7 @@ def main(grid: Grid, context: Context) -> None:
         tracker.audit_event("run.resumed" if cfg.resume else "run.started", **started)
         try:
             registry = Registry(tracker.tracking_uri, cfg.model_name())
-            for record in deliver_pending(grid, cfg, registry):  # plants that were offline at a push get it first thing
-                tracker.audit_event("model.deployed", plant=record.plant, version=record.version, status=record.status, serving=record.serving)
+            tracker.audit_deployments(deliver_pending(grid, cfg, registry))  # plants offline at a push get it first thing
             if cfg.action == "push":
                 push_version(grid, cfg, registry, tracker)
             else:

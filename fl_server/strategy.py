@@ -191,7 +191,7 @@ class TrackedStrategy(Strategy):
         metrics = {k: float(v) for k, v in self._pending.items()}
         if self.checkpoints is not None:
             self.checkpoints.save(Checkpoint(real, self._arrays, metrics, strategy_state(self.inner)))
-        self.tracker.log_metrics(metrics, step=real, synchronous=True)
+        self.tracker.log_metrics(metrics, step=real)
 
     def _log_aggregate(self, metrics: MetricRecord | None) -> None:
         # An average epsilon describes no plant: privacy metrics are logged per plant, and their maximum.

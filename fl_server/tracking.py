@@ -87,23 +87,21 @@ class RunTracker:
             self.plants |= set(plants)
             self._mlflow.set_tag("maxfl.plants", ",".join(sorted(self.plants)))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int, synchronous: bool = False) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """One completed round, in one synchronous batch, right after its checkpoint (fl_server.checkpoint)."""
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
         self.latest.update(finite)
-        # Asynchronous by default: a round does not wait for the tracking server; the run's end flushes the
-        # queue. A completed round is logged synchronously, right after its checkpoint (fl_server.checkpoint).
-        self._mlflow.log_metrics(finite, step=step, synchronous=synchronous)
+        self._mlflow.log_metrics(finite, step=step, synchronous=True)
 
     def ensure_logged(self, metrics: Mapping[str, float], step: int) -> None:
         """Log a checkpointed round's metrics unless the ServerApp that checkpointed it already did (one batch,
         so one key tells)."""
-        finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
-        if not finite:
+        if not metrics:
             return
         client = self._mlflow.MlflowClient(self.tracking_uri)
-        probe = "round_wall_s" if "round_wall_s" in finite else next(iter(finite))
+        probe = "round_wall_s" if "round_wall_s" in metrics else next(iter(metrics))
         if not any(m.step == step for m in client.get_metric_history(self.run_id, probe)):
-            self.log_metrics(finite, step, synchronous=True)
+            self.log_metrics(metrics, step)
 
     def log_data_agreement(self, spec: BaseModel, profiles: Mapping[str, BaseModel]) -> None:
         """The merged spec and each plant's profile (schema, statistics, data fingerprint), for lineage."""
@@ -159,6 +157,9 @@ class RunTracker:
         self._mlflow.log_dict({"plants": [r.model_dump(mode="json") for r in records]}, "push/acks.json")
         for status in ("installed", "pending", "refused"):
             self._mlflow.log_metric(f"push_{status}", float(sum(r.status == status for r in records)))
+        self.audit_deployments(records)
+
+    def audit_deployments(self, records: list[EdgeRecord]) -> None:
         for r in records:
             self.audit_event("model.deployed", plant=r.plant, version=r.version, status=r.status, serving=r.serving, detail=r.detail)
 

@@ -19,7 +19,7 @@ class RecordingTracker:
         self.plants: set[str] = set()
         self.events: list[tuple[str, dict]] = []
 
-    def log_metrics(self, metrics, step, synchronous=False):
+    def log_metrics(self, metrics, step):
         self.metrics.update({(k, step): v for k, v in metrics.items()})
 
     def ensure_logged(self, metrics, step):

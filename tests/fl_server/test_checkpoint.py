@@ -145,7 +145,7 @@ def test_the_store_commits_with_the_tag_and_resume_reopens_the_same_mlflow_run(m
         store = CheckpointStore(client, tracker.run_id)
         assert store.load() is None
         store.save(Checkpoint(1, _global(1.0), {"round_wall_s": 1.0}))
-        tracker.log_metrics({"round_wall_s": 1.0}, step=1, synchronous=True)
+        tracker.log_metrics({"round_wall_s": 1.0}, step=1)
         store.save(Checkpoint(2, _global(2.0), {"round_wall_s": 2.0}))  # crash before round 2 is logged
         raise RuntimeError("ServerApp killed")
     run_id = tracker.run_id
