@@ -38,17 +38,35 @@ def serve(
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads per inference.")] = 1,
     max_batch: Annotated[int, typer.Option(help="Most instances in one request (more: 413).")] = 64,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MB (more: 413).")] = 8.0,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest image, width x height, read from its header before decoding (more: 413).")] = 25_000_000,
+    max_image_side: Annotated[int, typer.Option(help="Longest image side in pixels (more: 413).")] = 10_000,
+    max_in_model: Annotated[int, typer.Option(help="Requests decoded and inferred at once, one thread each.")] = 2,
+    max_waiting: Annotated[int, typer.Option(help="Requests waiting for the model; more get 503 with Retry-After.")] = 16,
+    request_timeout_s: Annotated[float, typer.Option(help="Seconds from a request's whole body to its answer (past it: 503 while waiting, 504 once in the model).")] = 10.0,
+    head_timeout_s: Annotated[float, typer.Option(help="Seconds a connection has to send a request's headers (then 408 and closed).")] = 10.0,
+    body_timeout_s: Annotated[float, typer.Option(help="Seconds a connection has to send a request's body after its headers.")] = 30.0,
+    keep_alive_s: Annotated[int, typer.Option(help="Seconds an idle kept-alive connection stays open.")] = 5,
+    max_connections: Annotated[int, typer.Option(help="Connections open at once (more: 503).")] = 256,
 ) -> None:
     """Serve the store's current model over HTTP; swaps to a newly installed or rolled-back version on the fly."""
+    from edge.server import MB, Limits
     from edge.server import serve as run
 
+    if not max_body_mb > 0:
+        raise ConfigError(f"--max-body-mb must be above 0, got {max_body_mb}")
+    limits = Limits(max_batch=max_batch, max_body_bytes=int(max_body_mb * MB), max_image_pixels=max_image_pixels, max_image_side=max_image_side,
+                    max_in_model=max_in_model, max_waiting=max_waiting, request_timeout_s=request_timeout_s, head_timeout_s=head_timeout_s,
+                    body_timeout_s=body_timeout_s, keep_alive_s=keep_alive_s, max_connections=max_connections)
     logging.getLogger("maxfl.edge").setLevel(logging.INFO)
-    run(PlantConfig.from_node_config(node_config), model, host, port, threads=threads, max_batch=max_batch, max_body_mb=max_body_mb)
+    run(PlantConfig.from_node_config(node_config), model, host, port, threads=threads, limits=limits)
 
 
 @app.command()
 def status(node_config: NodeConfig, json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
-    """Per model: the current version, its sha256, the history of current versions and what is installed."""
+    """Per model: the current version, its sha256, the history of current versions and what is installed.
+
+    Exits non-zero, with one line per model saying what is wrong and how to fix it, when a current version's
+    files are damaged or missing."""
     from rich import box
     from rich.table import Table
 
@@ -57,8 +75,10 @@ def status(node_config: NodeConfig, json_: Annotated[bool, typer.Option("--json"
     plant = PlantConfig.from_node_config(node_config)
     store = _store(plant)
     rows = describe(store)
+    problems = [f"{r['model']}: {r['problem']}" for r in rows if r["problem"]]
     if json_:
         console.print_json(json.dumps({"plant-id": plant.plant_id, "edge-store": str(store.root), "models": rows}))
+        _fail_on(problems)
         return
     if not rows:
         console.print(f"edge store of {plant.plant_id} at {store.root} holds no model yet")
@@ -71,10 +91,18 @@ def status(node_config: NodeConfig, json_: Annotated[bool, typer.Option("--json"
     for r in rows:
         history = " -> ".join(f"v{v}" for v in r["history"])  # type: ignore[attr-defined]
         installed = ", ".join(f"v{v}" for v in r["installed"])  # type: ignore[attr-defined]
-        table.add_row(str(r["model"]), f"v{r['current']}" if r["current"] else "-", str(r["sha256"] or "-")[:12], str(r["task"] or "-"),
+        table.add_row(str(r["model"]), (f"v{r['current']}" if r["current"] else "-") + (" (damaged)" if r["problem"] else ""), str(r["sha256"] or "-")[:12], str(r["task"] or "-"),
                       history or "-", installed or "-")
     console.print(f"edge store of {plant.plant_id}: {store.root}")
     console.print(table)
+    _fail_on(problems)
+
+
+def _fail_on(problems: list[str]) -> None:
+    if problems:
+        from edge.store import EdgeStoreError
+
+        raise EdgeStoreError("; ".join(problems))
 
 
 @app.command()

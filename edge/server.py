@@ -4,35 +4,44 @@ One model per process. A watcher thread reads the model's `current.json` every 0
 when it moves, the new version is loaded and warmed up completely beside the old one and then swapped in by
 replacing one reference. A request takes the runtime it starts with and answers with that runtime's version,
 so a swap or a rollback never drops or fails a request, and a version that fails to load leaves the old one
-serving. Bad input is answered with a 4xx and one line saying what is wrong; it never reaches the model.
+serving. At start, a current version that cannot be loaded (damaged bytes, a missing release file, a broken
+pointer) gives way to the newest installed version that can, and /health says so ("degraded").
+
+Bad input is answered with a 4xx and one line saying what is wrong; it never reaches the model. Resources are
+bounded: image sizes are read from the header before decoding, at most `Limits.max_in_model` requests are in the
+model at once with `max_waiting` more queued (503 + Retry-After beyond), each request has a time limit (its
+onnxruntime run is terminated past it), and every connection must send its request head and body in time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from edge.admission import Admission, Busy, Ticket
 from edge.store import EdgeStore, InstalledModel
 from maxfl.errors import ConfigError, ProcessError, describe_validation_error
 from maxfl.release import ReleaseManifest
 from tasks.base import BadInput
+from tasks.serving import ImageLimits, ImageServing, ImageTooLarge, check_image_size
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -49,8 +58,40 @@ RAW_TYPES = ("application/octet-stream",)  # and image/*
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request and one connection may cost; every field is a `maxfl edge serve` flag."""
+
     max_batch: int = 64
     max_body_bytes: int = 8 * MB
+    max_image_pixels: int = ImageLimits.max_pixels
+    max_image_side: int = ImageLimits.max_side
+    max_in_model: int = 2  # requests being parsed, decoded or inferred at once (one thread each)
+    max_waiting: int = 16  # admitted requests waiting for the model; more are answered 503 at once
+    request_timeout_s: float = 10.0  # from the whole body to the answer: waiting, decoding and inference
+    head_timeout_s: float = 10.0  # a connection's request line and headers
+    body_timeout_s: float = 30.0  # its body, once the headers are in
+    keep_alive_s: int = 5  # an idle kept-alive connection
+    max_connections: int = 256  # open at once; more get uvicorn's 503
+    max_head_bytes: int = 16 * 1024  # request line and headers
+
+    @property
+    def image(self) -> ImageLimits:
+        return ImageLimits(max_pixels=self.max_image_pixels, max_side=self.max_image_side)
+
+    def check(self) -> None:
+        """One line naming the first value that cannot work."""
+        for name in ("max_batch", "max_body_bytes", "max_image_pixels", "max_image_side", "max_in_model", "max_connections", "keep_alive_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise ConfigError(f"--max-waiting must be 0 or more, got {self.max_waiting}")
+        for name in ("request_timeout_s", "head_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds above 0, got {value}")
+
+
+class Abandoned(Exception):
+    """The request's time ran out: its work stops at the next step (onnxruntime's run is terminated)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,25 +102,37 @@ class Runtime:
     session: onnxruntime.InferenceSession
     serving: Serving
     loaded_at: float
+    variant: str = "global"  # or the plant's own: "personalised" (the global model fine-tuned here), "local" (trained here alone)
 
     @property
     def kind(self) -> str:
         return self.serving.kind
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.manifest.model_name, "version": self.manifest.version, "sha256": self.manifest.sha256}
+        return {"name": self.manifest.model_name, "version": self.manifest.version, "sha256": self.manifest.sha256, "variant": self.variant}
 
-    def predict(self, instances: list[Any]) -> list[dict[str, Any]]:
-        """Adapter, model, answers; raises BadInput for instances the model cannot take."""
+    def predict(self, instances: list[Any], run_options: onnxruntime.RunOptions | None = None) -> list[dict[str, Any]]:
+        """Adapter, model, answers; raises BadInput for instances the model cannot take, Abandoned once
+        `run_options.terminate` is set (the request's time ran out)."""
         try:
-            x = np.ascontiguousarray(self.serving.batch(instances), dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow to float32 is caught just below
+                x = np.ascontiguousarray(self.serving.batch(instances), dtype=np.float32)
         except BadInput:
             raise
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             # The adapter should have said BadInput; it is still the request's content that it could not read.
             log.warning("%s adapter raised %s instead of BadInput", self.manifest.task, type(exc).__name__, exc_info=True)
             raise BadInput(f"the instances cannot be read as {self.kind}s ({type(exc).__name__}: {_first_line(exc)})") from None
-        outputs = self.session.run([self.manifest.output_name], {self.manifest.input_name: x})[0]
+        if not np.isfinite(x).all():
+            bad = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0]) if x.ndim else 0
+            raise BadInput(f"instance {bad} holds values that are not finite as the model's float32 inputs (NaN, infinity or "
+                           "beyond 3.4e38); send measured values")
+        if run_options is not None and run_options.terminate:
+            raise Abandoned
+        outputs = self.session.run([self.manifest.output_name], {self.manifest.input_name: x}, run_options)[0]
+        if not np.isfinite(outputs).all():
+            raise BadInput("the model's outputs for these instances are not finite numbers: their values lie far outside "
+                           "what it was trained on")
         return self.serving.answers(outputs)
 
 
@@ -88,7 +141,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def load_runtime(store: EdgeStore, installed: InstalledModel, plant: PlantConfig, threads: int) -> Runtime:
+def load_runtime(store: EdgeStore, installed: InstalledModel, plant: PlantConfig, threads: int,
+                 image_limits: ImageLimits | None = None) -> Runtime:
     """Verify, load and warm up a version; raises (anything) if it cannot serve."""
     from maxfl import onnx_model
     from tasks import get_task
@@ -98,11 +152,13 @@ def load_runtime(store: EdgeStore, installed: InstalledModel, plant: PlantConfig
     task = get_task(m.task)
     spec = task.spec_type.model_validate_json(m.task_spec)
     serving = task.serving(spec, plant.data_dir)
+    if isinstance(serving, ImageServing) and image_limits is not None:
+        serving = replace(serving, limits=image_limits)
     # One inference before the swap: onnxruntime allocates and picks kernels on the first run, which would
     # otherwise land on the first request to the new version.
     shape = [d if isinstance(d, int) and d > 0 else 1 for d in sess.get_inputs()[0].shape]
     sess.run([m.output_name], {m.input_name: np.zeros(shape, dtype=np.float32)})
-    return Runtime(manifest=m, session=sess, serving=serving, loaded_at=time.time())
+    return Runtime(manifest=m, session=sess, serving=serving, loaded_at=time.time(), variant=installed.variant)
 
 
 def _signature(path: os.PathLike[str]) -> bytes | None:
@@ -112,6 +168,8 @@ def _signature(path: os.PathLike[str]) -> bytes | None:
             return fh.read(1 << 16)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a directory, unreadable: a damaged pointer, which check() reports
+        return f"unreadable: {exc.errno}".encode()
 
 
 def _describe(exc: BaseException) -> str:
@@ -125,14 +183,16 @@ def _describe(exc: BaseException) -> str:
 class ModelWatcher:
     """Keeps `runtime` at the store's current version of the model; `model_name` None: the first that appears."""
 
-    def __init__(self, store: EdgeStore, plant: PlantConfig, model_name: str | None, threads: int = 1, poll_s: float = 0.2) -> None:
+    def __init__(self, store: EdgeStore, plant: PlantConfig, model_name: str | None, threads: int = 1, poll_s: float = 0.2,
+                 image_limits: ImageLimits | None = None) -> None:
         self.store = store
         self.plant = plant
         self.model_name = model_name
         self.threads = threads
         self.poll_s = poll_s
+        self.image_limits = image_limits
         self.runtime: Runtime | None = None
-        self.load_error: str | None = None  # why the version the pointer names is not the one serving
+        self.problem: str | None = None  # why the version serving is not the one the pointer names (or none serves)
         self._seen: bytes | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -155,28 +215,48 @@ class ModelWatcher:
             try:
                 installed = self.store.current(self.model_name)
             except Exception as exc:  # noqa: BLE001 - a damaged store must not stop the version that serves
-                self._failed(_describe(exc))
+                self._failed(_describe(exc), None)
                 return
             if installed is None:
+                if self.runtime is None and self.store.installed_versions(self.model_name):
+                    self._failed(f"{self.model_name} has no current version ({self.store.pointer(self.model_name)} is missing)", None)
                 return
             m, old = installed.manifest, self.runtime
             if old is not None and (old.manifest.version, old.manifest.sha256) == (m.version, m.sha256):
-                self.load_error = None
+                self.problem = None
                 return
             started = time.perf_counter()
             try:
-                new = load_runtime(self.store, installed, self.plant, self.threads)
+                new = load_runtime(self.store, installed, self.plant, self.threads, self.image_limits)
             except Exception as exc:  # noqa: BLE001 - whatever a broken release raises, the old version keeps serving
-                self._failed(f"{m.label} failed to load: {_describe(exc)}")
+                self._failed(f"{m.label} failed to load: {_describe(exc)}", m.version)
                 return
-            self.runtime, self.load_error = new, None
+            self.runtime, self.problem = new, None
             log.info("now serving %s (sha256 %s, task %s; loaded in %.2f s)%s", m.label, m.sha256[:12], m.task,
                      time.perf_counter() - started, f", was v{old.manifest.version}" if old else "")
 
-    def _failed(self, why: str) -> None:
-        self.load_error = why
+    def _failed(self, why: str, version: int | None) -> None:
+        """The current version cannot serve: keep the one serving, or (none yet) fall back to the newest that loads."""
+        self.problem = why
+        if self.runtime is None and self.model_name is not None:
+            self._fall_back(why, version)
         still = self.runtime.manifest.label if self.runtime else "nothing"
-        log.error("%s; still serving %s", why, still)
+        log.error("%s; serving %s", self.problem, still)
+
+    def _fall_back(self, why: str, broken: int | None) -> None:
+        assert self.model_name is not None
+        fix = f"ask the anchor to push v{broken} again" if broken else "repair current.json"
+        for installed in self.store.fallbacks(self.model_name, skip=broken):
+            try:
+                self.runtime = load_runtime(self.store, installed, self.plant, self.threads, self.image_limits)
+            except Exception as exc:  # noqa: BLE001 - an older version may be damaged too: try the next
+                log.warning("fallback %s does not load either: %s", installed.manifest.label, _describe(exc))
+                continue
+            n = installed.manifest.version
+            self.problem = (f"{why}; serving v{n}, the newest installed version that loads, instead; fix: {fix}, "
+                            f"or `maxfl edge activate --version {n}` to keep v{n}")
+            return
+        self.problem = f"{why}; no installed version loads; fix: {fix}"
 
     def poke(self) -> None:
         """Check now (SIGHUP), and retry a version that failed to load."""
@@ -252,7 +332,10 @@ def _json_instances(body: bytes, kind: str, limits: Limits) -> list[Any]:
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _Reject(400, f"body is not valid JSON ({exc}); send {{\"instances\": [...]}}") from None
+        raise _Reject(400, f"body is not valid JSON ({_first_line(exc)[:200]}); send {{\"instances\": [...]}}") from None
+    except ValueError as exc:  # an integer beyond Python's digit limit, and whatever else the decoder refuses
+        why = "an integer of more than 4300 digits" if "integer string conversion" in str(exc) else _first_line(exc)[:200]
+        raise _Reject(400, f"body cannot be read as a request ({why}); send {{\"instances\": [...]}} with numbers of ordinary size") from None
     except RecursionError:
         raise _Reject(400, "body is nested too deeply to be a request; send {\"instances\": [...]}") from None
     if not isinstance(payload, dict) or "instances" not in payload:
@@ -269,25 +352,42 @@ def _json_instances(body: bytes, kind: str, limits: Limits) -> list[Any]:
     return instances
 
 
-def _answer(rt: Runtime, body: bytes, raw: bool, limits: Limits) -> list[dict[str, Any]]:
-    return rt.predict([body] if raw else _json_instances(body, rt.kind, limits))
+def _answer(rt: Runtime, body: bytes, raw: bool, limits: Limits, run_options: onnxruntime.RunOptions) -> list[dict[str, Any]]:
+    """On a model thread: parse, decode, infer; the answers are made JSON-safe here, not in the event loop."""
+    if run_options.terminate:  # the request's time ran out while it waited
+        raise Abandoned
+    instances = [body] if raw else _json_instances(body, rt.kind, limits)
+    if rt.kind == "image":  # whatever the task's adapter does, no image is decoded past the server's limits
+        image = limits.image
+        for i, data in enumerate(instances):
+            check_image_size(data, i, image)
+    predictions = rt.predict(instances, run_options)
+    try:
+        json.dumps(predictions, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"the answers for these instances are not finite numbers ({_first_line(exc)})") from None
+    return predictions
 
 
 def create_app(watcher: ModelWatcher, plant_id: str, limits: Limits) -> Starlette:
-    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
-    def reject(request: Request, status: int, message: str) -> JSONResponse:
+    admission = Admission(limits.max_in_model, limits.max_waiting)
+    retry_after = {"Retry-After": "1"}
+
+    def reject(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         client = f"{request.client.host}:{request.client.port}" if request.client else "?"
         log.info("%s %s from %s -> %d: %s", request.method, request.url.path, client, status, message)
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     async def health(request: Request) -> JSONResponse:
         rt = watcher.runtime
+        common = {"plant": plant_id, "watching": watcher.model_name, "problem": watcher.problem, "requests": admission.describe()}
         if rt is None:
-            return JSONResponse({"status": "no-model", "plant": plant_id, "model": None, "watching": watcher.model_name,
-                                 "load_error": watcher.load_error}, status_code=503)
-        return JSONResponse({"status": "serving", "plant": plant_id, "model": {**rt.describe(), "task": rt.manifest.task},
-                             "load_error": watcher.load_error})
+            return JSONResponse({"status": "no-model", "model": None, "serving": None, **common}, status_code=503)
+        return JSONResponse({"status": "degraded" if watcher.problem else "serving", "model": {**rt.describe(), "task": rt.manifest.task},
+                             "serving": rt.manifest.version, **common})
 
     async def predict(request: Request) -> JSONResponse:
         rt = watcher.runtime  # this request's model, whatever is swapped in meanwhile
@@ -301,19 +401,51 @@ def create_app(watcher: ModelWatcher, plant_id: str, limits: Limits) -> Starlett
                                    + (", or one image file's bytes as image/* or application/octet-stream" if rt.kind == "image" else ""))
             if raw and rt.kind != "image":
                 raise _Reject(415, f"{rt.manifest.model_name} takes {rt.kind}s, not raw bytes; send application/json {{\"instances\": [...]}}")
-            body = await _read_body(request, limits.max_body_bytes)
-            if raw and not body:
-                raise _Reject(400, "empty body; send the bytes of one image file")
-            # Parsing a large body takes milliseconds too: off the event loop, with the inference.
-            predictions = await run_in_threadpool(_answer, rt, body, raw, limits)
+            try:
+                ticket = admission.enter()
+            except Busy:
+                raise _Reject(503, f"busy: {limits.max_in_model} requests in the model and {limits.max_waiting} waiting; retry shortly") from None
+            try:
+                predictions = await _admitted(request, rt, raw, ticket)
+            finally:
+                admission.leave(ticket)
         except _Reject as exc:
-            return reject(request, exc.status, exc.message)
+            return reject(request, exc.status, exc.message, retry_after if exc.status == 503 and rt is not None else None)
+        except ImageTooLarge as exc:
+            return reject(request, 413, _first_line(exc))
         except BadInput as exc:
             return reject(request, 400, _first_line(exc))
-        except InvalidArgument as exc:  # the adapter let through something the model cannot take
+        except (InvalidArgument, Fail) as exc:  # the adapter let through something the model cannot take
             return reject(request, 400, f"the model cannot take this input: {_first_line(exc)}")
         return JSONResponse({"model": rt.describe(), "predictions": predictions},
-                            headers={"X-Model-Version": f"{rt.manifest.model_name}/{rt.manifest.version}"})
+                            headers={"X-Model-Version": f"{rt.manifest.model_name}/{rt.manifest.version}", "X-Model-Variant": rt.variant})
+
+    async def _admitted(request: Request, rt: Runtime, raw: bool, ticket: Ticket) -> list[dict[str, Any]]:
+        """Between admission and answer: the body (in the connection's body time), then a model thread and the
+        work, within the request's time."""
+        body = await _read_body(request, limits.max_body_bytes)
+        if raw and not body:
+            raise _Reject(400, "empty body; send the bytes of one image file")
+        deadline = time.monotonic() + limits.request_timeout_s
+        run_options = onnxruntime.RunOptions()
+        try:
+            done = await admission.run(ticket, lambda: _answer(rt, body, raw, limits, run_options), deadline - time.monotonic())
+        except Busy:
+            raise _Reject(503, f"busy: waited {limits.request_timeout_s:g} s (--request-timeout-s) for the model; retry shortly") from None
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                return await asyncio.shield(done)
+        except TimeoutError:
+            run_options.terminate = True  # onnxruntime stops the run; the thread is freed when it returns
+            done.add_done_callback(_retrieve)
+            raise _Reject(504, f"the model did not answer within {limits.request_timeout_s:g} s (--request-timeout-s); "
+                               "send fewer or smaller instances") from None
+        except Abandoned:
+            raise _Reject(504, f"the request ran out of its {limits.request_timeout_s:g} s (--request-timeout-s)") from None
+        except Fail:
+            if run_options.terminate:
+                raise _Reject(504, f"the model did not answer within {limits.request_timeout_s:g} s (--request-timeout-s)") from None
+            raise
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -327,6 +459,12 @@ def create_app(watcher: ModelWatcher, plant_id: str, limits: Limits) -> Starlett
         routes=[Route("/health", health, methods=["GET"]), Route("/v1/predict", predict, methods=["POST"])],
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Read an abandoned request's outcome, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -344,12 +482,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(plant: PlantConfig, model_name: str | None, host: str = "127.0.0.1", port: int = 8600, *, threads: int = 1,
-          max_batch: int = 64, max_body_mb: float = 8.0, poll_s: float = 0.2) -> None:
+          limits: Limits | None = None, poll_s: float = 0.2) -> None:
     """Serve until SIGINT/SIGTERM. Starts without a model if none is installed yet, and serves the first that is."""
     import uvicorn
 
-    if threads < 1 or max_batch < 1 or max_body_mb <= 0:
-        raise ConfigError("--threads and --max-batch must be at least 1 and --max-body-mb above 0")
+    limits = limits or Limits()
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    limits.check()
     import torch
 
     # The adapters' torch ops are small; more intra-op threads per request only fight the other requests.
@@ -358,11 +498,13 @@ def serve(plant: PlantConfig, model_name: str | None, host: str = "127.0.0.1", p
     names = store.models()
     if model_name is None and len(names) > 1:
         raise ConfigError(f"the edge store at {store.root} holds several models ({', '.join(names)}): say which to serve with --model")
-    watcher = ModelWatcher(store, plant, model_name or (names[0] if names else None), threads=threads, poll_s=poll_s)
+    watcher = ModelWatcher(store, plant, model_name or (names[0] if names else None), threads=threads, poll_s=poll_s,
+                           image_limits=limits.image)
     watcher.check(force=True)
     sock = bind(host, port)
-    app = create_app(watcher, plant.plant_id, Limits(max_batch=max_batch, max_body_bytes=int(max_body_mb * MB)))
-    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off", ws="none", timeout_graceful_shutdown=10)
+    app = create_app(watcher, plant.plant_id, limits)
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off", ws="none", timeout_graceful_shutdown=10,
+                            **uvicorn_limits(limits))
     server = uvicorn.Server(config)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGHUP, lambda *_: watcher.poke()) if in_main else None
@@ -370,6 +512,8 @@ def serve(plant: PlantConfig, model_name: str | None, host: str = "127.0.0.1", p
     rt = watcher.runtime
     log.info("edge server of %s on http://%s:%d: %s (store %s)", plant.plant_id, host, sock.getsockname()[1],
              f"serving {rt.manifest.label}" if rt else f"no model yet, waiting for {watcher.model_name or 'the first install'}", store.root)
+    if watcher.problem:
+        log.error("degraded: %s", watcher.problem)
     try:
         server.run(sockets=[sock])
     finally:
@@ -377,3 +521,11 @@ def serve(plant: PlantConfig, model_name: str | None, host: str = "127.0.0.1", p
         sock.close()
         if in_main:
             signal.signal(signal.SIGHUP, previous)
+
+
+def uvicorn_limits(limits: Limits) -> dict[str, Any]:
+    """uvicorn's settings for the connection limits: h11 with head and body deadlines (edge/connection.py)."""
+    from edge.connection import deadline_protocol
+
+    return {"http": deadline_protocol(limits.head_timeout_s, limits.body_timeout_s), "timeout_keep_alive": limits.keep_alive_s,
+            "h11_max_incomplete_event_size": limits.max_head_bytes, "limit_concurrency": limits.max_connections}

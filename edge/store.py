@@ -45,11 +45,31 @@ class EdgeStoreError(UserError):
     """One-line reason an edge store operation was refused; nothing on disk changed."""
 
 
+Variant = Literal["global", "personalised", "local"]
+VARIANT_FILE = "variant.json"  # beside a version's model.onnx: the plant's own choice for this version (fl_client.personalise)
+VARIANT_ONNX = "variant.onnx"
+
+
+class VariantRecord(BaseModel):
+    """What the plant serves instead of the released ONNX for this version, and why: its validation scores."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    variant: Literal["personalised", "local"]
+    sha256: str
+    size_bytes: int = Field(ge=1)
+    metric: str
+    scores: dict[str, float]  # validation score of every variant the plant built, the chosen one included
+    created_at: datetime
+
+
 class InstalledModel(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     manifest: ReleaseManifest
-    path: Path  # the version's model.onnx
+    path: Path  # the ONNX file served: the version's model.onnx, or the plant's own variant of it
+    variant: Variant = "global"
+    variant_record: VariantRecord | None = None
 
 
 class InstallOutcome(BaseModel):
@@ -75,6 +95,14 @@ class CurrentPointer(BaseModel):
         if self.history[-1] != self.version:
             raise ValueError(f"history must end with the current version {self.version}, ends with {self.history[-1]}")
         return self
+
+
+class SpecClasses(BaseModel):
+    """The part of a release's TaskSpec the store checks against the ONNX outputs, read without importing the
+    task (and torch: the deploy path stays light); the server validates the whole spec when it loads the version."""
+
+    task: str
+    num_classes: int = Field(ge=1)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -164,7 +192,23 @@ class EdgeStore:
         return manifest
 
     def _installed(self, model_name: str, version: int) -> InstalledModel:
-        return InstalledModel(manifest=self._manifest(model_name, version), path=self._version_dir(model_name, version) / ONNX_FILE)
+        folder = self._version_dir(model_name, version)
+        manifest = self._manifest(model_name, version)
+        record = self._variant_record(folder)
+        if record is None:
+            return InstalledModel(manifest=manifest, path=folder / ONNX_FILE)
+        return InstalledModel(manifest=manifest, path=folder / VARIANT_ONNX, variant=record.variant, variant_record=record)
+
+    @staticmethod
+    def _variant_record(folder: Path) -> VariantRecord | None:
+        """The plant's variant of a version; an unreadable record is the released model's business, not a failure."""
+        try:
+            return VariantRecord.model_validate_json((folder / VARIANT_FILE).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValidationError) as exc:
+            log.warning("%s is unreadable (%s); serving the released model of that version", folder / VARIANT_FILE, type(exc).__name__)
+            return None
 
     def current(self, model_name: str) -> InstalledModel | None:
         state = self.pointer_state(model_name)
@@ -179,6 +223,36 @@ class EdgeStore:
             if p.is_dir() and re.match(MODEL_NAME_PATTERN, p.name) and ((p / POINTER_FILE).exists() or self._version_numbers(p.name))
         )
 
+    def installed_versions(self, model_name: str) -> list[int]:
+        """Version numbers with a release file, oldest first (their files are not checked)."""
+        return self._version_numbers(model_name)
+
+    def fallbacks(self, model_name: str, skip: int | None = None) -> Iterator[InstalledModel]:
+        """Installed versions but `skip` whose release file reads, newest first: what a server may serve instead."""
+        for version in reversed(self._version_numbers(model_name)):
+            if version == skip:
+                continue
+            try:
+                yield self._installed(model_name, version)
+            except EdgeStoreError:
+                continue
+
+    def current_problem(self, model_name: str) -> str | None:
+        """Why the current version cannot be served as it is on disk, with the fix; None if it can (or none is current)."""
+        try:
+            state = self.pointer_state(model_name)
+        except EdgeStoreError as exc:
+            return str(exc)
+        if state is None:
+            return None
+        try:
+            self.verified_bytes(self._installed(model_name, state.version))
+        except EdgeStoreError as exc:
+            push = "" if "push" in str(exc) else f"; ask the anchor to push v{state.version} again"
+            back = f"; or run `maxfl edge rollback` to go back to v{state.history[-2]}" if len(state.history) > 1 else ""
+            return f"current version: {exc}{push}{back}"
+        return None
+
     def versions(self, model_name: str) -> list[InstalledModel]:
         """Installed versions of the model, oldest first."""
         return [self._installed(model_name, v) for v in self._version_numbers(model_name)]
@@ -190,6 +264,12 @@ class EdgeStore:
             data = model.path.read_bytes()
         except OSError as exc:
             raise EdgeStoreError(f"{m.label} at {model.path} is not readable ({exc.strerror}); ask the anchor to push v{m.version} again") from None
+        if model.variant_record is not None:
+            v = model.variant_record
+            if len(data) != v.size_bytes or sha256_hex(data) != v.sha256:
+                raise EdgeStoreError(f"this plant's {v.variant} variant of {m.label} at {model.path} is damaged; remove "
+                                     f"{model.path.parent / VARIANT_FILE} to serve the released model, or ask the anchor to push v{m.version} again")
+            return data
         if len(data) != m.size_bytes or sha256_hex(data) != m.sha256:
             raise EdgeStoreError(f"{m.label} at {model.path} is damaged (its sha256 no longer matches the release); "
                                  f"ask the anchor to push v{m.version} again")
@@ -223,8 +303,10 @@ class EdgeStore:
                     raise EdgeStoreError(
                         f"{label} is already installed with different bytes (sha256 {existing.sha256[:12]}..., pushed "
                         f"{manifest.sha256[:12]}...); a version number names one model: register a new version at the anchor")
-                self._repair_if_damaged(self._installed(manifest.model_name, manifest.version), onnx)
+                repaired = self._repair_if_damaged(self._installed(manifest.model_name, manifest.version), onnx)
                 if previous == manifest.version:
+                    if repaired and state is not None:  # rewritten, so that a server that fell back loads it again
+                        self._write_pointer(manifest.model_name, state.version, state.history)
                     return InstallOutcome(model_name=manifest.model_name, version=manifest.version, previous=previous, status="already-current")
                 self._push(manifest.model_name, state, manifest.version)
                 return InstallOutcome(model_name=manifest.model_name, version=manifest.version, previous=previous, status="activated")
@@ -234,6 +316,36 @@ class EdgeStore:
             self._push(manifest.model_name, state, manifest.version)
         log.info("installed %s (sha256 %s), previous %s", label, manifest.sha256[:12], f"v{previous}" if previous else "none")
         return InstallOutcome(model_name=manifest.model_name, version=manifest.version, previous=previous, status="installed")
+
+    def install_variant(self, manifest: ReleaseManifest, variant: Literal["personalised", "local"], onnx: bytes, metric: str,
+                        scores: dict[str, float]) -> InstalledModel:
+        """Serve the plant's own variant of an installed version instead of the released ONNX. It is checked like a
+        pushed model before anything is written, and the record is written last: it is the commit point."""
+        _check_loads(manifest, onnx)
+        record = VariantRecord(variant=variant, sha256=sha256_hex(onnx), size_bytes=len(onnx), metric=metric, scores=scores,
+                               created_at=datetime.now(UTC))
+        with self._locked(manifest.model_name):
+            folder = self._version_dir(manifest.model_name, manifest.version)
+            self._manifest(manifest.model_name, manifest.version)  # installed, and its release file reads
+            with atomic_path(folder / VARIANT_ONNX) as tmp:
+                _write_synced(tmp, onnx)
+            atomic_write_text(folder / VARIANT_FILE, record.model_dump_json(indent=2) + "\n")
+            state = self.pointer_state(manifest.model_name)
+            if state is not None and state.version == manifest.version:
+                self._write_pointer(manifest.model_name, state.version, state.history)  # the server watches the pointer
+        log.info("%s: serving this plant's %s variant (validation %s)", manifest.label, variant, scores)
+        return self._installed(manifest.model_name, manifest.version)
+
+    def clear_variant(self, model_name: str, version: int) -> None:
+        """Serve the released ONNX of `version` again (a new global model was chosen over the plant's variants)."""
+        with self._locked(model_name):
+            folder = self._version_dir(model_name, version)
+            if (folder / VARIANT_FILE).exists():
+                (folder / VARIANT_FILE).unlink()
+                fsync_dir(folder)
+                state = self.pointer_state(model_name)
+                if state is not None and state.version == version:
+                    self._write_pointer(model_name, state.version, state.history)
 
     def activate(self, model_name: str, version: int) -> InstallOutcome:
         """Make an installed version current again (its bytes are re-verified first)."""
@@ -289,7 +401,7 @@ class EdgeStore:
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
 
-    def _repair_if_damaged(self, installed: InstalledModel, onnx: bytes) -> None:
+    def _repair_if_damaged(self, installed: InstalledModel, onnx: bytes) -> bool:
         """The pushed bytes are verified against the same sha256: they may replace a copy damaged on disk."""
         try:
             self.verified_bytes(installed)
@@ -297,16 +409,25 @@ class EdgeStore:
             log.warning("%s was damaged on disk; replaced it with the verified bytes just pushed", installed.manifest.label)
             with atomic_path(installed.path) as tmp:
                 tmp.write_bytes(onnx)
+            return True
+        return False
 
 
 def _check_loads(manifest: ReleaseManifest, onnx: bytes) -> None:
-    """The model must load in onnxruntime and take and give what the manifest says, before it is written."""
+    """The model must load in onnxruntime, take and give what the manifest says, and give one output per class
+    of its task spec, before it is written: a mismatch would otherwise be a 500 on every request."""
     from maxfl import onnx_model
     from tasks import task_names
 
     if manifest.task not in task_names():
         raise EdgeStoreError(f"{manifest.label} is for task {manifest.task!r}, which this plant does not know "
                              f"({', '.join(task_names())}); refusing; upgrade maxfl at this plant")
+    try:
+        spec = SpecClasses.model_validate_json(manifest.task_spec)
+    except ValidationError as exc:
+        why = describe_validation_error(exc, "task spec").removeprefix("invalid task spec: ")
+        raise EdgeStoreError(f"{manifest.label}'s task spec cannot be read ({why}); refusing; "
+                             "ask the anchor to register and push it again") from None
     try:
         sess = onnx_model.session(onnx)
     except ValueError as exc:
@@ -317,23 +438,51 @@ def _check_loads(manifest: ReleaseManifest, onnx: bytes) -> None:
         raise EdgeStoreError(f"{manifest.label} takes input(s) {inputs}, the release says {manifest.input_name!r}; refusing")
     if manifest.output_name not in outputs:
         raise EdgeStoreError(f"{manifest.label} gives output(s) {outputs}, the release says {manifest.output_name!r}; refusing")
+    width = _output_width(sess, manifest)
+    if width != spec.num_classes:
+        raise EdgeStoreError(f"{manifest.label} gives {width} output(s) per instance, its task spec says {spec.num_classes} "
+                             f"class(es); refusing: this ONNX file is not the spec's model; ask the anchor to export and push it again")
+
+
+def _output_width(sess: object, manifest: ReleaseManifest) -> int | str:
+    """The model's outputs per instance: the declared shape if it is fixed, else one run on zeros."""
+    import numpy as np
+
+    output = next(o for o in sess.get_outputs() if o.name == manifest.output_name)  # type: ignore[attr-defined]
+    shape = output.shape
+    if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+        return shape[1]
+    if len(shape) != 2 and all(isinstance(d, int) for d in shape):
+        return f"shape {shape} (not batch x classes)"
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in sess.get_inputs()[0].shape]  # type: ignore[attr-defined]
+    try:
+        out = sess.run([manifest.output_name], {manifest.input_name: np.zeros(dims, dtype=np.float32)})[0]  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors: the model cannot run at all
+        raise EdgeStoreError(f"{manifest.label} does not run on an input of shape {dims} ({type(exc).__name__}); refusing; "
+                             "ask the anchor to export and push it again") from None
+    return int(out.shape[1]) if out.ndim == 2 else f"shape {list(out.shape)} (not batch x classes)"
 
 
 def describe(store: EdgeStore) -> list[dict[str, object]]:
-    """Per model: current version, its sha256, history and installed versions (for `maxfl edge status`)."""
+    """Per model: current version, its sha256, history, installed versions and what is wrong with the current
+    version on disk, if anything (for `maxfl edge status`)."""
     rows: list[dict[str, object]] = []
     for name in store.models():
-        state = store.pointer_state(name)
-        versions = store.versions(name)
+        try:
+            state = store.pointer_state(name)
+        except EdgeStoreError:
+            state = None
+        versions = list(store.fallbacks(name))[::-1]  # those whose release file reads, oldest first
         current = next((v.manifest for v in versions if state and v.manifest.version == state.version), None)
         rows.append({
             "model": name,
             "current": state.version if state else None,
             "sha256": current.sha256 if current else None,
+            "variant": next((v.variant for v in versions if state and v.manifest.version == state.version), None),
             "task": current.task if current else None,
             "history": state.history if state else [],
             "installed": [v.manifest.version for v in versions],
             "updated_at": state.updated_at.isoformat() if state else None,
+            "problem": store.current_problem(name),
         })
     return rows
-

@@ -88,7 +88,7 @@ def federated_model(task: Task, spec: TaskSpec, args: argparse.Namespace, work: 
     mlflow.set_tracking_uri(uri)
     exported = mlflow.pytorch.load_model(f"runs:/{result.mlflow_run_id}/model")
     model = task.build_model(spec)
-    model.load_state_dict(exported.state_dict())
+    task.deployable(spec, model).load_state_dict(exported.state_dict())  # MLflow holds what the edge serves; `model` is its trained part
     return model, result.mlflow_run_id
 
 

@@ -20,6 +20,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from tasks.base import PlantData, TrainSettings
 from tasks.classification import train_classifier
 from tasks.defect import flip_augment
 from tasks.defect.model import DefectCNN
+from tasks.features import FeatureHead
 from tasks.process.model import ProcessCNN, ProcessMLP
 from tasks.table.model import build_table_model
 
@@ -45,6 +47,8 @@ def _case(name: str, build: Callable[[], nn.Module], shape: tuple[int, ...], rec
 
 
 CASES = [
+    # what an image plant trains by default: a linear head on frozen EfficientNet-Lite0 features (tasks.features)
+    _case("defect effnet-lite0 head (2560)", lambda: FeatureHead(2560, 2), (2560,), 420, 2, False),
     _case("defect cnn (1x64x64)", lambda: DefectCNN(2), (1, 64, 64), 700, 2, True),
     _case("process cnn1d (53x20)", lambda: ProcessCNN(53, 17), (53, 20), 3000, 17, False),
     # what a process plant runs: DP-SGD over its tiling of windows vs the non-private epoch over all of them
@@ -54,7 +58,7 @@ CASES = [
 ]
 
 
-def _epoch_seconds(case: dict, batch_size: int, modes: tuple[str, ...], repeats: int) -> dict[str, float]:
+def _epoch_seconds(case: dict, batch_size: int, modes: tuple[str, ...], repeats: int) -> dict[str, Any]:
     """Median epoch time per arm (None = no DP). Arms take turns epoch by epoch, so a slow spell of the machine
     hits them all alike instead of whichever arm happened to run then."""
     gen = torch.Generator().manual_seed(0)
@@ -76,7 +80,7 @@ def _epoch_seconds(case: dict, batch_size: int, modes: tuple[str, ...], repeats:
             train_classifier(models[arm], data, settings, case["classes"], augment=flip_augment if case["augment"] else None)
             if epoch:  # the first epoch warms up allocators and lazy imports
                 times[arm].append(time.perf_counter() - started)
-    return {str(arm): statistics.median(t) for arm, t in times.items()}
+    return {str(arm): statistics.median(t) for arm, t in times.items()} | {f"{arm}/epochs": t for arm, t in times.items()}
 
 
 def main() -> None:
@@ -85,6 +89,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", default="", help="run only the models whose name contains this")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--headline-batch", type=int, default=0,
+                        help="record this batch size's hooks ratio of the first model as dp_epoch_cost_ratio in headline.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = (32, 128) if args.quick else (32, 64, 128, 256)
@@ -96,14 +103,35 @@ def main() -> None:
             seconds = _epoch_seconds(case, batch_size, modes, args.repeats)
             base = seconds["None"]
             row = {"model": case["name"], "records": case["records"], "batch_size": batch_size, "no_dp_s": base,
-                   "modes": {m: {"epoch_s": seconds[m], "ratio": seconds[m] / base} for m in modes}}
+                   "modes": {m: {"epoch_s": seconds[m], "ratio": seconds[m] / base,
+                                 "epoch_ratios": [d / n for d, n in zip(seconds[f"{m}/epochs"], seconds["None/epochs"], strict=True)]}
+                             for m in modes}}
             rows.append(row)
             cells = " ".join(f"{row['modes'][m]['ratio']:>10.2f}x" for m in modes)
             print(f"{case['name']:24} {batch_size:>5} {base:>8.3f} {cells}", flush=True)
     result = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
               "repeats": args.repeats, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "rows": rows}
-    atomic_write_text(RESULTS, json.dumps(result, indent=2))
-    print(f"wrote {RESULTS}")
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    if args.headline_batch:
+        headline_ratio(rows, args)
+
+
+def headline_ratio(rows: list[dict], args: argparse.Namespace) -> None:
+    """The default model's DP/no-DP epoch ratio at the batch its plants' recipe picks, median over the repeats."""
+    import subprocess
+    import sys
+
+    row = next(r for r in rows if r["batch_size"] == args.headline_batch)
+    path = RESULTS.parent / "headline.json"
+    headline = json.loads(path.read_text()) if path.is_file() else {}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
+    ratios = row["modes"]["hooks"]["epoch_ratios"]  # one per interleaved pair of epochs
+    headline["dp_epoch_cost_ratio"] = {"mean": statistics.fmean(ratios), "sd": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+                                       "median": row["modes"]["hooks"]["ratio"], "seeds": list(range(len(ratios))), "model": row["model"],
+                                       "batch_size": row["batch_size"], "repeats": args.repeats,
+                                       "command": "python experiments/dp_cost.py " + " ".join(sys.argv[1:]), "commit": commit}
+    atomic_write_text(path, json.dumps(dict(sorted(headline.items())), indent=2) + "\n")
 
 
 if __name__ == "__main__":

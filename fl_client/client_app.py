@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from pydantic import ValidationError
 from torch import nn
@@ -12,18 +14,24 @@ from torch import nn
 from fl_client.config import PlantConfig
 from fl_client.fault_drill import fault_drill_mod
 from fl_client.mods import central_clipping_mod, plant_declines_mod
-from maxfl.errors import ConfigError
+from maxfl.errors import ConfigError, UserError
 from maxfl.messages import (
-    ACK, ARRAYS, CONFIG, DEPLOY, METRICS, ONNX, PLANT, PROFILE, RELEASE, WEIGHT_KEY, DataQuery, DeployAck, RoundInstructions,
+    ACK, ARRAYS, CONFIG, DEPLOY, FINGERPRINT_KEY, METRICS, ONNX, PLANT, PRIVACY_PREFIX, PROFILE, RELEASE, WEIGHT_KEY, DataQuery, DeployAck,
+    RoundInstructions,
 )
 from maxfl.release import ReleaseManifest
 from maxfl.weights import pack, unpack_into
 from privacy.budget import authorize_round
 from privacy.dpsgd import DPSGD
+from privacy.recipe import recipe_batch_size
 from tasks import get_task
 from tasks.base import PlantData, Task, TaskSpec, TrainSettings
 
+if TYPE_CHECKING:
+    from edge.store import EdgeStore
+
 app = ClientApp(mods=[plant_declines_mod])
+log = logging.getLogger("maxfl")
 
 
 def _prepare(msg: Message, context: Context) -> tuple[PlantConfig, RoundInstructions, Task, TaskSpec, PlantData]:
@@ -60,21 +68,26 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train one round under the plant's privacy ceiling: the ledger records the round before training starts."""
     plant, instructions, task, spec, data = _prepare(msg, context)
+    records = len(data.private_records())
+    private = instructions.privacy == "dp-sgd"
+    batch_size = recipe_batch_size(records) if private and instructions.dp_recipe == "auto" else instructions.batch_size
     grant = authorize_round(
-        plant.privacy(), instructions, fingerprint=data.fingerprint, task=task.name, records=len(data.private_records()),
+        plant.privacy(), instructions, fingerprint=data.fingerprint, task=task.name, records=records,
         run_id=instructions.run_series or msg.metadata.run_id, server_round=instructions.server_round, epochs=instructions.local_epochs,
-        batch_size=instructions.batch_size, num_rounds=instructions.num_server_rounds,
+        batch_size=batch_size, num_rounds=instructions.num_server_rounds,
     )
     model = _load_model(task, spec, msg)
     settings = TrainSettings.for_round(
-        instructions.local_epochs, instructions.batch_size, instructions.learning_rate, instructions.lr_schedule,
+        instructions.local_epochs, batch_size, instructions.learning_rate, instructions.lr_schedule,
         instructions.seed, plant.plant_id, instructions.server_round, instructions.num_server_rounds,
     )
     if grant.private:
         settings = replace(settings, local_training=DPSGD(grant.mechanism, grant.max_grad_norm))
-    metrics = grant.report(task.train(model, data, settings, spec))
+    metrics = grant.report(task.train(model, data, settings, spec)) | {f"{PRIVACY_PREFIX}batch_size": float(batch_size)}
     metrics[WEIGHT_KEY] = len(data.y_train)
-    return _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics), ARRAYS: pack(model)}))
+    reply = _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics), ARRAYS: pack(model)}))
+    reply.content[PLANT][FINGERPRINT_KEY] = grant.fingerprint  # with dp_epsilon: the anchor sees a lifetime spend go down
+    return reply
 
 
 @app.evaluate()
@@ -92,7 +105,11 @@ def evaluate(msg: Message, context: Context) -> Message:
             session = onnx_model.session(bytes(msg.content[ONNX]["model"]))  # type: ignore[arg-type]
         except ValueError as exc:
             raise ConfigError(f"the anchor sent an ONNX file that does not load: {exc}") from None
-        metrics["onnx_max_abs_diff"] = onnx_model.max_deviation(session, model, data.x_test.numpy())
+        if data.export_inputs is None:
+            metrics["onnx_max_abs_diff"] = onnx_model.max_deviation(session, model, data.x_test.numpy())
+        else:  # the export is the whole pipeline: run it on the images, the trained head on their cached features
+            raw = data.export_inputs().numpy()
+            metrics["onnx_max_abs_diff"] = onnx_model.max_deviation(session, model, data.x_test[: len(raw)].numpy(), onnx_inputs=raw)
     return _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics)}))
 
 
@@ -119,6 +136,35 @@ def deploy(msg: Message, context: Context) -> Message:
         else:
             outcome = store.install(manifest, bytes(msg.content[ONNX]["model"]))  # type: ignore[arg-type]
             ack = DeployAck(status=outcome.status, version=manifest.version, serving=outcome.version)
+            if plant.personalise == "on" and ARRAYS in msg.content.array_records and outcome.version == manifest.version:
+                ack = personalise_release(plant, store, manifest, msg.content[ARRAYS], ack)
     except EdgeStoreError as exc:  # a damaged store refuses too, saying what to repair
         ack = DeployAck(status="refused", version=manifest.version, serving=serving, detail=str(exc))
     return _reply(msg, plant, RecordDict({ACK: ConfigRecord(ack.to_flower())}))
+
+
+def personalise_release(plant: PlantConfig, store: EdgeStore, manifest: ReleaseManifest, arrays: ArrayRecord, ack: DeployAck) -> DeployAck:
+    """Serve the best of {global, personalised, local-only} on validation records from the plant's training split.
+    Whatever goes wrong here, the released model stays installed and serving, and the anchor is told why."""
+    from edge.store import EdgeStoreError
+    from fl_client.personalise import PersonaliseSettings, choose
+    from maxfl import onnx_model
+
+    task = get_task(manifest.task)
+    try:
+        spec = task.spec_type.model_validate_json(manifest.task_spec)
+        metric = "eval_r2" if spec.num_classes == 1 else "eval_macro_f1"
+        defaults = task.training_defaults(spec)
+        settings = PersonaliseSettings(epochs=5 * defaults.local_epochs, learning_rate=defaults.learning_rate, seed=manifest.seed)
+        data = task.load_plant_data(plant.data_dir, manifest.seed, spec)
+        choice = choose(task, spec, unpack_into(task.build_model(spec), arrays), data, metric, settings)
+        scores = ", ".join(f"{name} {score:.4f}" for name, score in choice.scores.items())
+        if choice.variant == "global":
+            store.clear_variant(manifest.model_name, manifest.version)
+            return ack.model_copy(update={"detail": f"serving the global model (validation {metric}: {scores})"})
+        onnx = onnx_model.export(task.deployable(spec, choice.model), task.input_example(spec), dynamo=False)
+        store.install_variant(manifest, choice.variant, onnx, metric, choice.scores)
+    except (UserError, EdgeStoreError, ValueError, RuntimeError) as exc:
+        log.warning("%s: personalising %s failed, the global model keeps serving: %s", plant.plant_id, manifest.label, exc)
+        return ack.model_copy(update={"detail": f"serving the global model; personalisation failed: {str(exc).splitlines()[0][:300]}"})
+    return ack.model_copy(update={"variant": choice.variant, "detail": f"serving its {choice.variant} variant (validation {metric}: {scores})"})

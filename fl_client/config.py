@@ -37,6 +37,12 @@ class PlantConfig(FlowerSettings, extra="ignore"):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     # The plant's privacy ledger; default $MAXFL_HOME/ledgers/<plant-id>.json (MAXFL_HOME: ~/.maxfl).
     ledger: Path | None = None
+    # The secret that MACs the ledger and its journal (privacy.ledger_key); created 0600 on the first DP round.
+    # Default <ledger>.key. Back it up with the ledger: without it the ledger cannot be verified.
+    ledger_key: Path | None = None
+    # A second copy of the ledger's journal (the first is <ledger>.journal), e.g. on another disk, so that
+    # restoring the ledger's whole folder from an old backup is also caught. Default: none.
+    ledger_mirror: Path | None = None
     # The plant's edge model store: approved models the anchor pushed, the one serving and the ones before it.
     # Default $MAXFL_HOME/edge/<plant-id>.
     edge_store: Path | None = None
@@ -44,6 +50,9 @@ class PlantConfig(FlowerSettings, extra="ignore"):
     # scaled, sign-flipped (both by fault-drill-scale) or NaN. For exercises and tests; "none" in production.
     fault_drill: Literal["none", "scale", "sign-flip", "nan"] = "none"
     fault_drill_scale: float = Field(10.0, gt=0.0)
+    # After installing an approved model, fine-tune it and train a local-only model on this plant's training records,
+    # and serve whichever scores best on validation records cut from them (fl_client.personalise); nothing leaves.
+    personalise: Literal["on", "off"] = "on"
     # The apps this plant runs (fl_client.app_policy): comma-separated SHA-256 hashes of their FABs
     # (`maxfl app hash APP_DIR` prints one), or "any". Not set: the plant runs no app at all.
     allowed_apps: str | None = None
@@ -112,7 +121,8 @@ class PlantConfig(FlowerSettings, extra="ignore"):
         from privacy.budget import PlantPrivacy
         from privacy.ledger import Ledger
 
-        return PlantPrivacy(ledger=Ledger(self.ledger_path(), self.plant_id), max_epsilon=self.max_epsilon, delta=self.delta)
+        ledger = Ledger(self.ledger_path(), self.plant_id, key=self.ledger_key, mirror=self.ledger_mirror)
+        return PlantPrivacy(ledger=ledger, max_epsilon=self.max_epsilon, delta=self.delta)
 
     def as_node_config(self) -> str:
         """The `--node-config` string for `flower-supernode`."""
@@ -121,10 +131,16 @@ class PlantConfig(FlowerSettings, extra="ignore"):
             parts.append('max-epsilon="inf"' if self.max_epsilon == float("inf") else f"max-epsilon={self.max_epsilon!r}")
         if self.ledger is not None:
             parts.append(f'ledger="{self.ledger}"')
+        if self.ledger_key is not None:
+            parts.append(f'ledger-key="{self.ledger_key}"')
+        if self.ledger_mirror is not None:
+            parts.append(f'ledger-mirror="{self.ledger_mirror}"')
         if self.edge_store is not None:
             parts.append(f'edge-store="{self.edge_store}"')
         if self.fault_drill != "none":
             parts += [f'fault-drill="{self.fault_drill}"', f"fault-drill-scale={self.fault_drill_scale!r}"]
+        if self.personalise != "on":
+            parts.append(f'personalise="{self.personalise}"')
         if self.allowed_apps is not None:
             parts.append(f'allowed-apps="{self.allowed_apps}"')
         if self.audit_log is not None:

@@ -39,16 +39,21 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     num_malicious: int = Field(1, ge=0)
     # Update validation (fl_server.validation): reject an update (reply - global weights) whose L2 norm exceeds this; 0: off.
     max_update_norm: float = Field(0.0, ge=0.0)
-    # ... or exceeds this many times the round's median update norm (with 3 or more updates); 0: off.
+    # ... or exceeds this many times the median update norm: of this round's updates and the previous rounds'
+    # medians (fl_server.validation); with two plants in round 1, of the smaller update. 0: off.
     update_norm_factor: float = Field(10.0, ge=0.0)
+    # ... or stays above this many times that median in persistent-norm-rounds consecutive rounds; 0: off.
+    persistent_norm_factor: float = Field(5.0, ge=0.0)
+    persistent_norm_rounds: int = Field(3, ge=1)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     min_plants: int = Field(2, ge=1)
     # Federated evaluation of the global model every k rounds (and always after the last round).
     evaluate_every: int = Field(1, ge=1)
-    local_epochs: int = Field(1, ge=1, le=1000)
+    # 0 (both): the model's own (tasks.base.TrainingDefaults: 5 epochs at 0.5 for a head on frozen features, 1 at 0.05 otherwise)
+    local_epochs: int = Field(0, ge=0, le=1000)
     batch_size: int = Field(32, ge=1, le=65_536)
-    learning_rate: float = Field(0.05, gt=0.0, le=10.0)
+    learning_rate: float = Field(0.0, ge=0.0, le=10.0)
     # cosine: decays the plants' learning rate over the rounds (see tasks.base.scheduled_learning_rate)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     seed: int = 42
@@ -76,6 +81,9 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     gate_tolerance: float = Field(0.02, ge=0.0)
     # Default 0: no minimum for a first model (for R^2: better than predicting the mean). Set one per task.
     gate_floor: float = 0.0
+    # At every plant the candidate must beat the best constant answer (always "good"; a model that never alarms;
+    # R^2 0) by this much in the gate metric, and answer more than one class: no release of a trivial model.
+    gate_trivial_margin: float = Field(0.02, ge=0.0)
     gate_onnx_tolerance: float = Field(1e-4, gt=0.0)
     # Push runs: which version (0: the champion), which plants (comma-separated ids; empty: all), and how long
     # to wait for plants that are offline before leaving them pending.
@@ -88,6 +96,17 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     # The anchor's append-only audit log (maxfl.audit): runs, rejected updates, gate results, deployments.
     # Empty: $MAXFL_HOME/anchor/audit.jsonl. `maxfl federation` writes joins and revocations to its own.
     audit_log: str = ""
+    # The anchor's record of every plant's lifetime privacy spend per data set (fl_server.privacy_watch): a plant whose
+    # reported spend went down (a deleted or restored ledger) is refused. Empty: $MAXFL_HOME/anchor/privacy-watch.json;
+    # "off": no record (experiments that reset ledgers on purpose).
+    privacy_watch: str = ""
+    # The anchor's federation folder (`maxfl federation init --dir`): its plants.json maps node ids to plants
+    # (fl_server.identity), and nodes the SuperLink has that it lacks are unregistered (fl_server.reconcile).
+    # Empty (simulation, insecure demos): a node is the plant it first claims to be, for the whole run.
+    federation_dir: str = ""
+    # A node registered outside maxfl (not in plants.json): "unregister" it at the start of every run, or only
+    # "report" it (audit log + ServerApp log). Its replies are never heard either way.
+    unknown_nodes: Literal["unregister", "report"] = "unregister"
     # Simulation only: virtual plant k reads its data from <sim-data-root>/plant-<k+1>.
     sim_data_root: str = ""
     # Simulation only: the virtual plants' node configs (each plant's ceiling and delta; see PlantConfig).
@@ -109,6 +128,8 @@ class RunConfig(PrivacyPlan, extra="forbid"):
             raise ValueError(f"bulyan needs min-plants >= 4 x num-malicious + 3 = {4 * f + 3}; raise min-plants or lower num-malicious")
         if self.strategy == "multikrum" and self.min_plants <= f:
             raise ValueError(f"multikrum averages min-plants - num-malicious updates, so min-plants must exceed num-malicious ({f})")
+        if 0.0 < self.persistent_norm_factor <= 1.0:
+            raise ValueError("persistent-norm-factor must be 0 (off) or above 1: at 1 or below it flags honest plants above the median")
         if 0.0 < self.update_norm_factor <= 1.0:
             raise ValueError("update-norm-factor must be 0 (off) or above 1: at 1 or below it rejects honest plants above the round's median")
         if self.central_dp != "off" and self.strategy != "fedavg":
@@ -119,6 +140,13 @@ class RunConfig(PrivacyPlan, extra="forbid"):
         from fl_client.config import maxfl_home
 
         return Path(self.audit_log) if self.audit_log else maxfl_home() / "anchor" / "audit.jsonl"
+
+    def privacy_watch_path(self) -> Path | None:
+        from fl_client.config import maxfl_home
+
+        if self.privacy_watch == "off":
+            return None
+        return Path(self.privacy_watch) if self.privacy_watch else maxfl_home() / "anchor" / "privacy-watch.json"
 
     def model_name(self) -> str:
         return self.registered_model or f"maxfl-{self.task}"

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from pydantic import ValidationError
 
 from fl_server.config import RunConfig
+from fl_server.identity import refusal
 from fl_server.strategy import RunAborted, failure_reason, plant_of
 from maxfl.errors import UserError
 from maxfl.messages import CONFIG, PROFILE, DataQuery
@@ -42,6 +44,9 @@ def collect_profiles(grid: Grid, cfg: RunConfig, task: Task) -> dict[str, DataPr
     profiles: dict[str, DataProfile] = {}
     declined: list[str] = []
     for msg in replies:
+        if (why_not := refusal(msg)) is not None:
+            declined.append(f"{plant_of(msg)}: {why_not}")
+            continue
         if msg.has_error():
             declined.append(failure_reason(msg))
             continue
@@ -68,3 +73,8 @@ def agree_on_data(grid: Grid, cfg: RunConfig, task: Task) -> tuple[TaskSpec, dic
     summary = ", ".join(f"{p} {prof.examples} examples" for p, prof in sorted(profiles.items()))
     log.info("data check: %d plant(s) agree on the %s schema (%s)", len(profiles), cfg.task, summary)
     return spec, profiles
+
+
+def agreed_examples(profiles: Mapping[str, DataProfile]) -> dict[str, int]:
+    """Training records per plant as declared in the data agreement: the most a plant's update may weigh."""
+    return {plant: profile.examples for plant, profile in profiles.items()}

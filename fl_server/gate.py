@@ -30,11 +30,18 @@ class GateRule(BaseModel):
     margin: float = Field(0.0, ge=0.0)  # the aggregate must improve on the champion's by at least this
     tolerance: float = Field(0.02, ge=0.0)  # no plant may get worse than the champion by more than this
     floor: float = 0.0  # with no champion yet, the aggregate must reach this (at most this if lower is better)
+    # At every plant the candidate must beat the best constant answer (always "good", never alarming; R^2 0) by this.
+    trivial_margin: float = Field(0.02, ge=0.0)
     onnx_tolerance: float = Field(1e-4, gt=0.0)  # largest ONNX-vs-torch output difference a plant may measure
 
     @property
     def higher_is_better(self) -> bool:
         return higher_is_better(self.metric)
+
+    @property
+    def trivial_key(self) -> str:
+        """Where a plant reports the metric of the best constant answer on its test split (tasks.classification)."""
+        return f"eval_trivial_{self.metric.removeprefix('eval_')}"
 
     def gain(self, new: float, old: float) -> float:
         """How much better `new` is than `old`, positive when better, whatever the metric's direction."""
@@ -49,6 +56,8 @@ class PlantRow(BaseModel):
     candidate: float | None = None  # None: the plant did not evaluate the model (the reason is in `problem`)
     champion: float | None = None
     gain: float | None = None
+    trivial: float | None = None  # the best constant answer's score at this plant
+    counted: bool = True  # False: one class in its test split, so its score says nothing and stays out of the aggregate
     onnx_max_abs_diff: float | None = None
     problem: str = ""
 
@@ -80,13 +89,17 @@ class GateReport(BaseModel):
             + (f"; with no champion the aggregate must be {'>=' if r.higher_is_better else '<='} {r.floor:g}" if self.champion_version is None else ""),
             f"- ONNX export: every plant's largest output difference <= {r.onnx_tolerance:g}",
             "",
-            "| plant | held-out examples | candidate | champion | gain | ONNX max diff | problem |",
-            "|---|---|---|---|---|---|---|",
+            f"- trivial baselines: at every plant the candidate beats the best constant answer by >= {r.trivial_margin:g} and "
+            "answers more than one class; plants with one class in their test split are shown, not counted",
+            "",
+            "| plant | held-out examples | candidate | trivial | champion | gain | ONNX max diff | problem |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for p in self.plants:
-            lines.append(f"| {p.plant} | {p.examples} | {_fmt(p.candidate)} | {_fmt(p.champion)} | {_fmt(p.gain, signed=True)} | "
+            lines.append(f"| {p.plant} | {p.examples} | {_fmt(p.candidate)} | {_fmt(p.trivial)} | {_fmt(p.champion)} | {_fmt(p.gain, signed=True)} | "
                          f"{'-' if p.onnx_max_abs_diff is None else f'{p.onnx_max_abs_diff:.2e}'} | {p.problem} |")
-        lines.append(f"| **all** | {sum(p.examples for p in self.plants)} | {_fmt(self.candidate_aggregate)} | {_fmt(self.champion_aggregate)} | "
+        counted = sum(p.examples for p in self.plants if p.counted)
+        lines.append(f"| **all** | {counted} | {_fmt(self.candidate_aggregate)} | | {_fmt(self.champion_aggregate)} | "
                      f"{_fmt(self.aggregate_gain, signed=True)} | | |")
         if self.reasons:
             lines += ["", "## Why it failed", "", *(f"- {reason}" for reason in self.reasons)]
@@ -97,6 +110,14 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _examples(metrics: Mapping[str, float] | None, cap: int | None) -> int:
+    """A plant's weight in the aggregate: its held-out count as claimed, never above what it declared, 0 if unreadable."""
+    claimed = float((metrics or {}).get(WEIGHT_KEY, 0))
+    if not math.isfinite(claimed) or claimed <= 0:
+        return 0
+    return int(min(claimed, cap)) if cap is not None else int(claimed)
 
 
 def _weighted(values: Mapping[str, float], weights: Mapping[str, int]) -> float | None:
@@ -113,9 +134,11 @@ def decide(
     champion: Mapping[str, Mapping[str, float]] | None,
     champion_version: int | None = None,
     problems: Mapping[str, str] | None = None,
+    caps: Mapping[str, int] | None = None,
 ) -> GateReport:
     """Gate one candidate. `plants` must all have evaluated it; `candidate` / `champion` map each plant that did
-    to its evaluation metrics (with WEIGHT_KEY); `champion` is None when no champion exists yet."""
+    to its evaluation metrics (with WEIGHT_KEY); `champion` is None when no champion exists yet. `caps`: the
+    records each plant declared in the data agreement; a plant's claimed held-out count weighs at most that."""
     problems = dict(problems or {})
     reasons: list[str] = []
     rows: list[PlantRow] = []
@@ -124,7 +147,7 @@ def decide(
     weights: dict[str, int] = {}
     for plant in sorted(plants):
         metrics = candidate.get(plant)
-        row = PlantRow(plant=plant, examples=int(metrics.get(WEIGHT_KEY, 0)) if metrics else 0, problem=problems.get(plant, ""))
+        row = PlantRow(plant=plant, examples=_examples(metrics, (caps or {}).get(plant)), problem=problems.get(plant, ""))
         if metrics is None:
             reasons.append(f"{plant} did not evaluate the candidate ({row.problem or 'no reply'})")
             rows.append(row)
@@ -134,13 +157,27 @@ def decide(
             reasons.append(f"{plant} reported no finite {rule.metric} for the candidate")
             rows.append(row)
             continue
-        row.candidate = cand_scores[plant] = float(value)
-        weights[plant] = max(row.examples, 0)
+        row.candidate = float(value)
         diff = metrics.get("onnx_max_abs_diff")
         if diff is not None:
             row.onnx_max_abs_diff = float(diff)
             if not float(diff) <= rule.onnx_tolerance:
                 reasons.append(f"{plant}: the ONNX export differs from the torch model by {float(diff):.2e} (> {rule.onnx_tolerance:g})")
+        if metrics.get("eval_test_classes", 2.0) < 2:
+            row.counted = False
+            row.problem = row.problem or "one class in its test split: shown, not counted"
+            rows.append(row)
+            continue
+        if metrics.get("eval_predicted_classes", 2.0) < 2:
+            reasons.append(f"{plant}: the candidate gives every test record the same answer (it never tells the classes apart)")
+        trivial = metrics.get(rule.trivial_key)
+        if trivial is not None and math.isfinite(trivial):
+            row.trivial = float(trivial)
+            if rule.gain(row.candidate, row.trivial) < rule.trivial_margin:
+                reasons.append(f"{plant}: {rule.metric} {row.candidate:.4f} does not beat the best constant answer's {row.trivial:.4f} "
+                               f"by {rule.trivial_margin:g}")
+        cand_scores[plant] = row.candidate
+        weights[plant] = max(row.examples, 0)
         old = None if champion is None else champion.get(plant, {}).get(rule.metric)
         if old is not None and math.isfinite(old):
             row.champion = champ_scores[plant] = float(old)
@@ -156,7 +193,7 @@ def decide(
     both = {p: cand_scores[p] for p in champ_scores}
     cand_on_both = _weighted(both, weights)
     if cand_agg is None:
-        reasons.append("no plant evaluated the candidate")
+        reasons.append("no plant with two or more classes in its test split evaluated the candidate")
     elif champion is None:
         ok = cand_agg >= rule.floor if rule.higher_is_better else cand_agg <= rule.floor
         if not ok:

@@ -6,9 +6,16 @@ Layout of a federation folder (`maxfl federation init --dir D`):
     D/ca.crt, D/ca.key     the federation's CA (the key: 0600, needed only to issue SuperLink certificates)
     D/superlink.crt/.key   the SuperLink's TLS certificate (chain: leaf + CA) and key
     D/flwr-home/           the anchor's Flower CLI config: the Control API over TLS, verified with the CA
+    D/proxy/               the reverse proxy's (Caddy's) config and state: what plants reach (fl_server.proxy)
+    D/admins.json          remote admins: name, client-certificate fingerprint, expiry (`maxfl federation add-admin`)
+    D/admins/<name>/       an admin's bundle: admin.crt/.key (mutual TLS to the proxy's admin listener), ca.crt, admin.json
     D/plants.json          every plant ever added: key fingerprint, Flower node id, active/revoked
     D/kits/<plant-id>/     the join kit sent to a plant: ca.crt, kit.json, README.md
     D/audit.jsonl          append-only audit log (maxfl.audit): plant.joined, plant.revoked, ...
+
+Exposure: the SuperLink listens on loopback (`control_address`) and serves its Fleet, Control and Runtime APIs
+there; plants reach it through the reverse proxy on the SuperLink address's port, which forwards the Fleet API
+only (fl_server.proxy). The anchor's own CLI talks to the SuperLink's loopback port directly.
 
 Trust model: plants verify the SuperLink with the CA in their kit (TLS); the SuperLink admits only SuperNodes
 whose public key the anchor registered (Flower's SuperNode authentication; the plant proves possession of
@@ -42,6 +49,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fl_client.config import PLANT_ID_PATTERN
+from fl_server.proxy import ProxyConfig
 from fl_client.join import (
     FEDERATION_NAME_PATTERN, KIT_CA, KIT_FILE, KIT_README, PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, JoinError, JoinKit, cert_fingerprint, describe_ca, is_ip,
     key_fingerprint, load_certificate, load_public_key, now_utc, short, split_address, write_file,
@@ -58,6 +66,10 @@ SUPERLINK_CERT, SUPERLINK_KEY = "superlink.crt", "superlink.key"
 FLWR_HOME = "flwr-home"
 KITS = "kits"
 STATE_DB = "superlink-state.db"
+ADMINS_FILE = "admins.json"
+ADMINS = "admins"
+ADMIN_CERT, ADMIN_KEY, ADMIN_INFO = "admin.crt", "admin.key", "admin.json"
+PROXY_DIR = "proxy"
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -74,7 +86,7 @@ class FederationInfo(BaseModel):
 
     name: str = Field(pattern=FEDERATION_NAME_PATTERN)
     superlink_address: str  # host:port, as the plants reach the SuperLink
-    control_address: str  # host:port, as the anchor's own CLI reaches the Control API
+    control_address: str  # host:port where the SuperLink itself listens (loopback); the anchor's own CLI reaches it there
     created: datetime
     ca_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     sans: list[str]
@@ -91,6 +103,34 @@ class PlantRecord(BaseModel):
     status: Literal["active", "revoked"]
     joined_at: datetime
     revoked_at: datetime | None = None
+
+
+class AdminRecord(BaseModel):
+    """A remote admin: the client certificate the proxy's admin listener lets in (and nothing else)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=PLANT_ID_PATTERN)
+    cert_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    issued_at: datetime
+    not_after: datetime
+
+
+class AdminBook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    admins: dict[str, AdminRecord] = Field(default_factory=dict)
+
+
+class AdminBundle(BaseModel):
+    """admin.json in an admin's bundle: which federation, and where its admin listener is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    federation: str = Field(pattern=FEDERATION_NAME_PATTERN)
+    name: str = Field(pattern=PLANT_ID_PATTERN)
+    admin_address: str  # host:port of the proxy's admin listener, as the admin reaches it
+    server_name: str  # a name in the SuperLink certificate the admin's side verifies
 
 
 class PlantBook(BaseModel):
@@ -131,6 +171,22 @@ class Federation:
     @property
     def audit(self) -> AuditLog:
         return AuditLog(self.dir / AUDIT_FILE)
+
+    def admin_dir(self, name: str) -> Path:
+        return self.dir / ADMINS / name
+
+    def admins(self) -> AdminBook:
+        path = self.dir / ADMINS_FILE
+        if not path.exists():
+            return AdminBook()
+        try:
+            return AdminBook.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValidationError as exc:
+            raise ProvisionError(describe_validation_error(exc, str(path))) from None
+
+    def admin_certs(self) -> list[Path]:
+        """The client certificates of every admin on record: the only ones the admin listener accepts."""
+        return [self.admin_dir(name) / ADMIN_CERT for name in sorted(self.admins().admins)]
 
     def kit_dir(self, plant_id: str) -> Path:
         return self.dir / KITS / plant_id
@@ -235,6 +291,94 @@ def issue_server_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, 
     return cert, key
 
 
+def issue_client_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, name: str, days: int,
+                      now: datetime | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A TLS client certificate (clientAuth only) for a remote admin, signed by the CA, never outliving it."""
+    now = now or now_utc()
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "maxfl"),
+                                                          x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "admin"),
+                                                          x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(min(now + timedelta(days=days), ca.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(_ski(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)  # type: ignore[arg-type]
+        .sign(ca_key, hashes.SHA384())
+    )
+    return cert, key
+
+
+def add_admin(fed: Federation, name: str, admin_address: str, days: int = 397, now: datetime | None = None) -> tuple[AdminRecord, Path]:
+    """A client certificate from the federation CA for a remote admin, in D/admins/NAME/; recorded and audited.
+
+    The proxy's admin listener (`maxfl federation superlink --admin-port`) lets in only the admins on record;
+    restart it after adding one. The bundle holds the admin's private key: hand it over as a secret.
+    """
+    now = now or now_utc()
+    if not re.fullmatch(PLANT_ID_PATTERN, name):
+        raise ProvisionError(f"admin name {name!r} is not allowed: lower-case letters, digits, '-' and '_' (e.g. alice)")
+    if days < 1:
+        raise ProvisionError("--days must be at least 1")
+    try:
+        host, _ = split_address(admin_address)
+    except JoinError as exc:
+        raise ProvisionError(str(exc).replace("SuperLink address", "admin address")) from None
+    ca = load_certificate(fed.ca_cert, "the federation's CA certificate")
+    try:
+        ca_key = serialization.load_pem_private_key(fed.ca_key.read_bytes(), None)
+    except FileNotFoundError:
+        raise ProvisionError(f"{fed.ca_key} is missing: only the CA key can issue an admin's certificate") from None
+    if now >= ca.not_valid_after_utc:
+        raise ProvisionError(f"the federation CA expired on {ca.not_valid_after_utc:%Y-%m-%d}; a new federation is needed")
+    with fed.locked():
+        book = fed.admins()
+        if name in book.admins:
+            raise ProvisionError(f"admin '{name}' already exists (certificate sha256 {short(book.admins[name].cert_fingerprint)}); pick another name")
+        cert, key = issue_client_cert(ca, ca_key, name, days, now)  # type: ignore[arg-type]
+        folder = fed.admin_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        write_file(folder / ADMIN_KEY, _pem_key(key), 0o600)
+        write_file(folder / ADMIN_CERT, _pem(cert), 0o644)
+        shutil.copyfile(fed.ca_cert, folder / CA_CERT)
+        server_name = host if host in fed.info.sans else fed.info.sans[0]
+        bundle = AdminBundle(federation=fed.info.name, name=name, admin_address=admin_address, server_name=server_name)
+        atomic_write_text(folder / ADMIN_INFO, bundle.model_dump_json(indent=2) + "\n")
+        record = AdminRecord(name=name, cert_fingerprint=cert_fingerprint(cert), issued_at=now, not_after=cert.not_valid_after_utc)
+        book.admins[name] = record
+        atomic_write_text(fed.dir / ADMINS_FILE, book.model_dump_json(indent=2) + "\n")
+        fed.audit.record("admin.added", "anchor", admin=name, cert_sha256=record.cert_fingerprint, not_after=record.not_after.isoformat(),
+                         admin_address=admin_address)
+    return record, folder
+
+
+def remove_admin(fed: Federation, name: str) -> AdminRecord:
+    """Take an admin off the record: the admin listener refuses their certificate once the SuperLink command restarts."""
+    with fed.locked():
+        book = fed.admins()
+        record = book.admins.pop(name, None)
+        if record is None:
+            raise ProvisionError(f"no admin '{name}' in this federation (admins: {', '.join(sorted(book.admins)) or 'none'})")
+        atomic_write_text(fed.dir / ADMINS_FILE, book.model_dump_json(indent=2) + "\n")
+        fed.audit.record("admin.removed", "anchor", admin=name, cert_sha256=record.cert_fingerprint)
+    return record
+
+
+def load_admin_bundle(folder: Path) -> AdminBundle:
+    path = folder / ADMIN_INFO
+    if not path.is_file():
+        raise ProvisionError(f"{folder} is not an admin bundle (no {ADMIN_INFO}); the anchor makes one with `maxfl federation add-admin NAME`")
+    try:
+        return AdminBundle.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        raise ProvisionError(describe_validation_error(exc, str(path))) from None
+
+
 def _write_superlink_cert(folder: Path, ca: x509.Certificate, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
     write_file(folder / SUPERLINK_KEY, _pem_key(key), 0o600)
     write_file(folder / SUPERLINK_CERT, _pem(cert) + _pem(ca), 0o644)  # the chain: plants see which CA signed it
@@ -244,6 +388,11 @@ def flwr_config_text(info: FederationInfo, ca_path: Path) -> str:
     """The anchor's Flower CLI config: the Control API over TLS, the certificate checked with the federation's CA."""
     return (f'[superlink]\ndefault = "{info.name}"\n\n[superlink.{info.name}]\naddress = "{info.control_address}"\n'
             f'root-certificates = "{ca_path.resolve()}"\n')
+
+
+def default_superlink_port(plants_port: int) -> int:
+    """The SuperLink's own (loopback) port: beside the plants' port, which the proxy holds on every address."""
+    return plants_port + 1 if plants_port < 65535 else plants_port - 1
 
 
 def init_federation(folder: Path, name: str, superlink_address: str, sans: Sequence[str] = (), ca_days: int = 3650, days: int = 397,
@@ -266,7 +415,7 @@ def init_federation(folder: Path, name: str, superlink_address: str, sans: Seque
         raise ProvisionError("--ca-days and --days must be at least 1")
     try:
         host, port = split_address(superlink_address)
-        control = control_address or f"127.0.0.1:{port}"
+        control = control_address or f"127.0.0.1:{default_superlink_port(port)}"
         split_address(control)
     except JoinError as exc:
         raise ProvisionError(str(exc).replace("SuperLink address", "address")) from None
@@ -336,6 +485,14 @@ def superlink_argv(fed: Federation | None, bin_dir: Path, host: str, port: int, 
     if superexec_secret is not None:
         argv += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     return argv
+
+
+def proxy_config(fed: Federation, plants_listen: str, upstream: str | None = None, admin_listen: str | None = None,
+                 admin_certs: Sequence[Path] = ()) -> ProxyConfig:
+    """The reverse proxy in front of `fed`'s SuperLink: plants' TLS with the SuperLink certificate, upstream over TLS."""
+    return ProxyConfig(plants_listen=plants_listen, upstream=upstream or fed.info.control_address, cert=fed.superlink_cert,
+                       key=fed.superlink_key, ca=fed.ca_cert, state_dir=fed.dir / PROXY_DIR, admin_listen=admin_listen,
+                       admin_certs=tuple(admin_certs))
 
 
 # ---------------------------------------------------------------- registering with the SuperLink (Control API)

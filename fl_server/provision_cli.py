@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -38,7 +39,8 @@ def init(
     san: Annotated[list[str], typer.Option("--san", help="Another name or IP the SuperLink answers to (repeatable).")] = [],  # noqa: B006
     ca_days: Annotated[int, typer.Option(help="Days the CA is valid.")] = 3650,
     days: Annotated[int, typer.Option(help="Days the SuperLink's certificate is valid (renew with `maxfl federation renew`).")] = 397,
-    control_address: Annotated[str | None, typer.Option(help="HOST:PORT where the anchor's own CLI reaches the SuperLink (default 127.0.0.1:PORT).")] = None,
+    control_address: Annotated[str | None, typer.Option(help="HOST:PORT where the SuperLink itself listens and the anchor's own CLI "
+                                                        "reaches it (default 127.0.0.1:PORT+1; plants reach PORT through the proxy).")] = None,
     contact: Annotated[str, typer.Option(help="Whom a plant's IT person contacts; printed in every join kit.")] = "",
 ) -> None:
     """Create the federation's CA, the SuperLink's TLS certificate, the anchor's Flower CLI config and an audit log."""
@@ -55,41 +57,234 @@ def init(
 @app.command()
 def superlink(
     folder: Dir,
-    port: Annotated[int | None, typer.Option(help="Port (default: the port of the federation's SuperLink address).")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int | None, typer.Option(help="The plants' port, where the proxy listens (default: the port of the federation's SuperLink address).")] = None,
+    host: Annotated[str, typer.Option(help="Address the proxy listens on for plants.")] = "0.0.0.0",
+    superlink_port: Annotated[int | None, typer.Option(help="The SuperLink's own port on 127.0.0.1 (default: the port of the "
+                                                       "federation's control address, where the anchor's CLI reaches it).")] = None,
+    admin_port: Annotated[int | None, typer.Option(help="Also serve the Control API to remote admins on this port (same --host), "
+                                                   "mutual TLS: only admins added with `maxfl federation add-admin`.")] = None,
     database: Annotated[Path | None, typer.Option(help="SuperLink state (registered plants, runs); default DIR/superlink-state.db.")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local demos only.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication, no proxy: local demos only.")] = False,
     superexec_secret_file: Annotated[Path | None, typer.Option(help="Run ServerApps in process isolation: only a `flower-superexec "
                                      "--superexec-auth-secret-file` with this secret may pick them up (see compose/).")] = None,
 ) -> None:
-    """Run the SuperLink in the foreground: TLS with the federation's certificate and SuperNode authentication."""
-    from fl_client.join import split_address
-    from fl_server.provision import QUIET_ENV, STATE_DB, superlink_argv
+    """Run the SuperLink on loopback and the proxy that admits plants (Fleet API only), in the foreground, until Ctrl-C."""
+    from fl_client.join import is_ip, split_address
+    from fl_server.provision import QUIET_ENV, STATE_DB, proxy_config, superlink_argv
+    from fl_server.proxy import caddy_argv, caddy_binary, caddy_env, healthy, write_config
 
     fed = _fed(folder)
     bin_dir = Path(sys.executable).parent
     listen = port or split_address(fed.info.superlink_address)[1]
-    if insecure:
-        err_console.print("[yellow]warning:[/yellow] --insecure: no TLS and no SuperNode authentication -- any process that reaches "
-                          f"port {listen} can join as a plant and read the traffic; local demos only")
     if superexec_secret_file is not None and not superexec_secret_file.is_file():
         raise ConfigError(f"--superexec-secret-file {superexec_secret_file} does not exist; write a long random secret there "
                           "(e.g. `openssl rand -hex 32`) and give the same file to flower-superexec")
-    argv = superlink_argv(None if insecure else fed, bin_dir, host, listen, database or fed.dir / STATE_DB,
-                          superexec_secret=superexec_secret_file)
     env = {**os.environ, **QUIET_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # it starts flower-superexec
-    console.print(f"SuperLink of '{fed.info.name}' on {host}:{listen} ({'INSECURE' if insecure else 'TLS + SuperNode authentication'})")
-    proc = subprocess.Popen(argv, env=env)
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
+    plants = f"[{host}]:{listen}" if ":" in host else f"{host}:{listen}"
+    if insecure:
+        err_console.print("[yellow]warning:[/yellow] --insecure: no TLS, no SuperNode authentication and no proxy -- any process that "
+                          f"reaches port {listen} can join as a plant, read the traffic and use the Control API; local demos only")
+        _check_free(plants, "--port")
+        argv = superlink_argv(None, bin_dir, host, listen, database or fed.dir / STATE_DB, superexec_secret=superexec_secret_file)
+        console.print(f"SuperLink of '{fed.info.name}' on {plants} (INSECURE)")
+        raise typer.Exit(_foreground([("SuperLink", argv, env, lambda: True)], f"SuperLink of '{fed.info.name}' started"))
+    own_host, own_port = split_address(fed.info.control_address)
+    own = f"{own_host if is_ip(own_host) else '127.0.0.1'}:{superlink_port or own_port}"
+    if split_address(own)[1] == listen:
+        raise ConfigError(f"the SuperLink's own port and the plants' port are both {listen}; give the SuperLink another with "
+                          "--superlink-port (and set control_address in federation.json to 127.0.0.1:THAT_PORT)")
+    _check_free(plants, "--port")
+    _check_free(own, "--superlink-port")
+    admin = None
+    if admin_port is not None:
+        admin = f"[{host}]:{admin_port}" if ":" in host else f"{host}:{admin_port}"
+        if admin_port in (listen, split_address(own)[1]):
+            raise ConfigError(f"--admin-port {admin_port} is already the plants' or the SuperLink's port; pick another")
+        if not fed.admin_certs():
+            raise ConfigError(f"--admin-port: no admins yet, so nobody could use it; add one with `maxfl federation add-admin NAME "
+                              f"--admin-address HOST:{admin_port} --dir {fed.dir}`")
+        _check_free(admin, "--admin-port")
+    proxy = proxy_config(fed, plants, upstream=own, admin_listen=admin, admin_certs=fed.admin_certs() if admin else ())
+    caddy = caddy_argv(caddy_binary(), write_config(proxy))
+    link = superlink_argv(fed, bin_dir, split_address(own)[0], split_address(own)[1], database or fed.dir / STATE_DB,
+                          superexec_secret=superexec_secret_file)
+    console.print(f"SuperLink of '{fed.info.name}' on {own} (TLS + SuperNode authentication; Control API: here only)")
+    console.print(f"proxy for plants on {plants}: Fleet API only (TLS with {fed.superlink_cert.name})")
+    if admin:
+        console.print(f"admin listener on {admin}: Control API, mutual TLS for {len(proxy.admin_certs)} admin(s) on record")
+    code = _foreground([("SuperLink", link, env, lambda: healthy(own, fed.ca_cert)),
+                        ("proxy (caddy)", caddy, caddy_env(proxy, env), lambda: healthy(plants, fed.ca_cert))],
+                       f"ready: plants join at {fed.info.superlink_address}")
     raise typer.Exit(code)
+
+
+@app.command()
+def proxy(
+    folder: Dir,
+    upstream: Annotated[str | None, typer.Option(help="HOST:PORT of the SuperLink (default: the federation's control address), e.g. "
+                                                 "superlink:9092 in the compose stack; its certificate must name HOST (`init --san`).")] = None,
+    port: Annotated[int | None, typer.Option(help="The plants' port (default: the port of the federation's SuperLink address).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on for plants.")] = "0.0.0.0",
+    admin_port: Annotated[int | None, typer.Option(help="Also the mutual-TLS admin listener (Control API) on this port.")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Caddy's config and state (default DIR/proxy).")] = None,
+) -> None:
+    """Only the proxy, for a SuperLink that runs elsewhere (its own container): the Fleet API for plants, until Ctrl-C."""
+    from fl_client.join import JoinError, split_address
+    from fl_server.provision import proxy_config
+    from fl_server.proxy import caddy_argv, caddy_binary, caddy_env, healthy, write_config
+
+    fed = _fed(folder)
+    target = upstream or fed.info.control_address
+    try:
+        up_host, _ = split_address(target)
+    except JoinError as exc:
+        raise ConfigError(f"--upstream: {exc}".replace("SuperLink address", "address")) from None
+    listen = port or split_address(fed.info.superlink_address)[1]
+    plants = f"[{host}]:{listen}" if ":" in host else f"{host}:{listen}"
+    if up_host.lower() not in fed.info.sans:
+        raise ConfigError(f"--upstream {target}: the SuperLink certificate does not name {up_host} (it names {', '.join(fed.info.sans)}); "
+                          "init the federation with --san " + up_host)
+    _check_free(plants, "--port")
+    admin = None
+    if admin_port is not None:
+        admin = f"[{host}]:{admin_port}" if ":" in host else f"{host}:{admin_port}"
+        if not fed.admin_certs():
+            raise ConfigError("--admin-port: no admins yet; add one with `maxfl federation add-admin NAME`")
+        _check_free(admin, "--admin-port")
+    cfg = proxy_config(fed, plants, upstream=target, admin_listen=admin, admin_certs=fed.admin_certs() if admin else ())
+    cfg = cfg.model_copy(update={"upstream_server_name": up_host,
+                                 **({"state_dir": state_dir} if state_dir is not None else {})})
+    caddy = caddy_argv(caddy_binary(), write_config(cfg))
+    console.print(f"proxy for plants on {plants}: Fleet API only, to the SuperLink at {target}")
+    code = _foreground([("proxy (caddy)", caddy, caddy_env(cfg), lambda: healthy(plants, fed.ca_cert))],
+                       f"ready: plants join at {fed.info.superlink_address}")
+    raise typer.Exit(code)
+
+
+def _check_free(address: str, flag: str) -> None:
+    from fl_server.proxy import port_free
+
+    if not port_free(address):
+        raise ConfigError(f"{address} is already in use (another SuperLink or proxy running?); stop it, or pick another port with {flag}")
+
+
+def _foreground(commands: list[tuple[str, list[str], dict[str, str], Callable[[], bool]]], ready_line: str) -> int:
+    """Start each process once the one before it answers; run until one exits, Ctrl-C or SIGTERM; stop all by PID."""
+    import time
+
+    def _interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def _exited() -> int | None:
+        for name, proc in procs:
+            if proc.poll() is not None:
+                err_console.print(f"error: the {name} exited with code {proc.returncode}; stopping the rest (its output is above)")
+                return proc.returncode or 1
+        return None
+
+    try:
+        for name, argv, env, ready in commands:
+            try:
+                procs.append((name, subprocess.Popen(argv, env=env)))
+            except OSError as exc:
+                raise ConfigError(f"cannot start the {name} ({argv[0]}): {exc.strerror}") from None
+            while not ready():
+                if (code := _exited()) is not None:
+                    return code
+                time.sleep(0.3)
+        console.print(ready_line)
+        while (code := _exited()) is None:
+            time.sleep(0.5)
+        return code
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        for _, proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in reversed(procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        signal.signal(signal.SIGTERM, previous)
+
+
+@app.command("add-admin")
+def add_admin(
+    name: Annotated[str, typer.Argument(help="The admin's name (lower-case letters, digits, '-', '_').")],
+    admin_address: Annotated[str, typer.Option(help="HOST:PORT of the proxy's admin listener as the admin reaches it "
+                                               "(`maxfl federation superlink --admin-port PORT`).")],
+    folder: Dir,
+    days: Annotated[int, typer.Option(help="Days the admin's certificate is valid.")] = 397,
+) -> None:
+    """Issue a client certificate from the federation CA for a remote admin (DIR/admins/NAME); restart the SuperLink to let it in."""
+    from fl_client.join import short
+    from fl_server.provision import add_admin as add
+
+    record, bundle = add(_fed(folder), name, admin_address, days)
+    console.print(f"admin '{name}': client certificate sha256 {short(record.cert_fingerprint)}, valid until {record.not_after:%Y-%m-%d}")
+    console.print(f"bundle: {bundle} -- it holds the admin's private key: hand it over as a secret; the admin runs "
+                  f"`maxfl federation admin-tunnel --admin {bundle.name}`")
+    console.print("restart `maxfl federation superlink --admin-port ...` so its admin listener lets this admin in")
+
+
+@app.command("remove-admin")
+def remove_admin(name: Annotated[str, typer.Argument(help="The admin to take off the record.")], folder: Dir) -> None:
+    """Take a remote admin off the record; restart the SuperLink command so its admin listener refuses them."""
+    from fl_server.provision import remove_admin as remove
+
+    remove(_fed(folder), name)
+    console.print(f"admin '{name}' removed; restart `maxfl federation superlink --admin-port ...` to refuse their certificate")
+
+
+@app.command("admin-tunnel")
+def admin_tunnel(
+    admin: Annotated[Path, typer.Option("--admin", help="The admin bundle `maxfl federation add-admin` made (admin.json, admin.crt, admin.key, ca.crt).")],
+    port: Annotated[int, typer.Option(help="Local port (127.0.0.1) your `flwr` CLI talks to.")] = 9190,
+) -> None:
+    """On an admin's machine: the Control API of the anchor's SuperLink on 127.0.0.1:PORT, over mutual TLS, until Ctrl-C."""
+    from fl_server.provision import ADMIN_CERT, ADMIN_KEY, CA_CERT, load_admin_bundle
+    from fl_server.proxy import TunnelConfig, caddy_argv, caddy_binary, caddy_env, write_config
+    from maxfl.atomic import atomic_write_text
+
+    folder = admin.resolve()
+    bundle = load_admin_bundle(folder)
+    for needed in (ADMIN_CERT, ADMIN_KEY, CA_CERT):
+        if not (folder / needed).is_file():
+            raise ConfigError(f"{folder / needed} is missing; ask the anchor for the whole bundle (`maxfl federation add-admin`)")
+    listen = f"127.0.0.1:{port}"
+    _check_free(listen, "--port")
+    tunnel = TunnelConfig(listen=listen, remote=bundle.admin_address, server_name=bundle.server_name, cert=folder / ADMIN_CERT,
+                          key=folder / ADMIN_KEY, ca=folder / CA_CERT, state_dir=folder / "tunnel")
+    caddy = caddy_argv(caddy_binary(), write_config(tunnel))
+    home = folder / "flwr-home"
+    # Plain HTTP only between this machine's own flwr CLI and the tunnel, on loopback; mutual TLS from there on.
+    atomic_write_text(home / "config.toml", f'[superlink]\ndefault = "{bundle.federation}"\n\n[superlink.{bundle.federation}]\n'
+                                            f'address = "{listen}"\ninsecure = true\n')
+    console.print(f"tunnel to {bundle.admin_address} (mutual TLS as '{bundle.name}') on {listen}")
+    env = {**os.environ}
+    code = _foreground([("tunnel (caddy)", caddy, caddy_env(tunnel, env), lambda: _listening(listen))],
+                       f"ready: FLWR_HOME={home} flwr supernode ls {bundle.federation}")
+    raise typer.Exit(code)
+
+
+def _listening(address: str) -> bool:
+    import socket
+
+    from fl_client.join import split_address
+
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 @app.command("add-plant")

@@ -10,29 +10,37 @@ import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from pydantic import ValidationError
 
 from fl_server.config import RunConfig
+from fl_server.identity import refusal
 from fl_server.registry import EdgeRecord, Registry, now
 from fl_server.strategy import failed_plant, failure_reason, plant_of
 from maxfl.errors import UserError
-from maxfl.messages import ACK, DEPLOY, ONNX, RELEASE, DeployAck
+from maxfl.messages import ACK, ARRAYS, DEPLOY, ONNX, RELEASE, DeployAck
 from maxfl.release import ReleaseManifest
 
 log = logging.getLogger("maxfl")
 
-def _deploy_messages(nodes: Iterable[int], manifest: ReleaseManifest, onnx: bytes, targets: set[str] | None) -> list[Message]:
+def _deploy_messages(nodes: Iterable[int], manifest: ReleaseManifest, onnx: bytes, targets: set[str] | None,
+                     weights: np.ndarray | None = None) -> list[Message]:
     content = RecordDict({
         RELEASE: ConfigRecord({"manifest": manifest.model_dump_json(), "targets": ",".join(sorted(targets or []))}),
         ONNX: ConfigRecord({"model": onnx}),
     })
+    if weights is not None:  # the trained weights: a plant personalises from them (fl_client.personalise)
+        content[ARRAYS] = ArrayRecord([weights])
     return [Message(content=content, message_type=f"{MessageType.QUERY}.{DEPLOY}", dst_node_id=node) for node in nodes]
 
 
 def _record(msg: Message, manifest: ReleaseManifest) -> EdgeRecord | None:
     """What a plant's reply says, or None when it was not for this plant."""
+    if (why_not := refusal(msg)) is not None:
+        log.warning("push: a reply from %s is ignored: %s", plant_of(msg), why_not)
+        return None
     if msg.has_error():
         plant, why = failed_plant(msg)
         if plant.startswith("node-"):  # not a plant that answered: nothing to record against a plant id
@@ -53,7 +61,7 @@ def _record(msg: Message, manifest: ReleaseManifest) -> EdgeRecord | None:
 
 def push(
     grid: Grid, cfg: RunConfig, registry: Registry, manifest: ReleaseManifest, onnx: bytes,
-    targets: set[str] | None, known: Iterable[str] = (), wait_s: float = 0.0,
+    targets: set[str] | None, known: Iterable[str] = (), wait_s: float = 0.0, weights: np.ndarray | None = None,
 ) -> list[EdgeRecord]:
     """Deploy to the connected plants; `targets` None means every plant: those connected now, the ones that
     trained it (`known`) and every plant the registry has pushed to before. Returns one record per plant."""
@@ -65,7 +73,7 @@ def push(
         fresh = [n for n in grid.get_node_ids() if n not in sent]
         if fresh:
             sent.update(fresh)
-            for msg in grid.send_and_receive(_deploy_messages(fresh, manifest, onnx, targets), timeout=cfg.round_timeout_s):
+            for msg in grid.send_and_receive(_deploy_messages(fresh, manifest, onnx, targets, weights), timeout=cfg.round_timeout_s):
                 if (record := _record(msg, manifest)) is not None:
                     records[record.plant] = record
                     if not targets:
@@ -94,5 +102,5 @@ def deliver_pending(grid: Grid, cfg: RunConfig, registry: Registry) -> list[Edge
     for version, plants in sorted(pending.items()):
         release = registry.load_release(version)
         log.info("push: delivering pending %s v%d to %s", registry.name, version, ", ".join(sorted(plants)))
-        delivered += push(grid, cfg, registry, release.manifest, release.onnx, targets=plants)
+        delivered += push(grid, cfg, registry, release.manifest, release.onnx, targets=plants, weights=release.weights)
     return delivered

@@ -15,6 +15,7 @@ from torch import nn
 import maxfl
 from fl_server.config import RunConfig
 from fl_server.gate import GateReport, GateRule, decide
+from fl_server.identity import refusal
 from fl_server.push import push
 from fl_server.registry import CANDIDATE, CHAMPION, GATE_SUMMARY_TAG, GATE_TAG, SHA_TAG, Registry
 from fl_server.strategy import RunAborted, failed_plant, failure_reason, plant_of
@@ -34,7 +35,7 @@ def gate_rule(cfg: RunConfig, spec: TaskSpec) -> GateRule:
     # Regression models (one output) are gated on R^2, classifiers on macro-F1: both weigh every class/plant.
     metric = cfg.gate_metric or ("eval_r2" if spec.num_classes == 1 else "eval_macro_f1")
     return GateRule(metric=metric, margin=cfg.gate_margin, tolerance=cfg.gate_tolerance, floor=cfg.gate_floor,
-                    onnx_tolerance=cfg.gate_onnx_tolerance)
+                    trivial_margin=cfg.gate_trivial_margin, onnx_tolerance=cfg.gate_onnx_tolerance)
 
 
 def _evaluate_content(arrays: ArrayRecord, plan: Mapping[str, Any], onnx: bytes | None = None) -> RecordDict:
@@ -57,6 +58,9 @@ def evaluate_at_plants(
     tables: dict[str, dict[str, dict[str, float]]] = {CANDIDATE_GROUP: {}, CHAMPION_GROUP: {}}
     problems: dict[str, str] = {}
     for msg in replies:
+        if refusal(msg) is not None:  # a node that speaks for no plant: its scores count for none
+            log.warning("release: a reply from %s is ignored: %s", plant_of(msg), refusal(msg))
+            continue
         if msg.has_error():
             plant, _ = failed_plant(msg)
             problems[plant] = failure_reason(msg)
@@ -101,7 +105,7 @@ def release_model(
 ) -> GateReport:
     """Gate, register and (if it passed) push the run's final model."""
     plants = sorted(tracker.plants)
-    onnx = onnx_model.export(model, task.input_example(spec))
+    onnx = onnx_model.export(task.deployable(spec, model), task.input_example(spec))
     sha256 = sha256_hex(onnx)
     registry = Registry(tracker.tracking_uri, cfg.model_name())
     champion = registry.champion()
@@ -116,19 +120,20 @@ def release_model(
         champion_content = _evaluate_content(ArrayRecord([held.weights]), champion_plan)
     log.info("release: evaluating the candidate%s at %d plant(s)", "" if champion is None else f" and champion v{champion.version}", len(plants))
     cand, champ, problems = evaluate_at_plants(grid, cfg, plants, _evaluate_content(arrays, plan, onnx), champion_content)
-    report = decide(gate_rule(cfg, spec), plants, cand, champ, None if champion is None else champion.version, problems)
+    report = decide(gate_rule(cfg, spec), plants, cand, champ, None if champion is None else champion.version, problems,
+                    caps=tracker.agreed_examples)
     tracker.log_gate(report, cand, champ)
     version = registry.register(model_uri, tracker.run_id, lineage_tags(cfg, tracker, grid.run.run_id, plants, sha256, report))
     manifest = ReleaseManifest(
         model_name=registry.name, version=version, task=cfg.task, task_spec=spec.model_dump_json(), sha256=sha256, size_bytes=len(onnx),
         input_name=onnx_model.INPUT_NAME, output_name=onnx_model.OUTPUT_NAME, mlflow_run_id=tracker.run_id, flwr_run_id=grid.run.run_id,
-        created_at=datetime.now(UTC),
+        created_at=datetime.now(UTC), seed=cfg.seed,
     )
     tracker.log_release(manifest, onnx, arrays.to_numpy_ndarrays()[0])
     if report.passed:
         left = registry.make_champion(version)
         log.info("release: %s v%d is the new %s (was %s): %s", registry.name, version, CHAMPION, f"v{left}" if left else "none", report.summary)
-        records = push(grid, cfg, registry, manifest, onnx, targets=None, known=plants)
+        records = push(grid, cfg, registry, manifest, onnx, targets=None, known=plants, weights=arrays.to_numpy_ndarrays()[0])
         tracker.log_push(records)
     else:
         registry.make_candidate(version)

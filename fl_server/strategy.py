@@ -16,8 +16,9 @@ from flwr.serverapp.strategy import (
 
 from fl_server.checkpoint import Checkpoint, CheckpointStore, restore_strategy_state, strategy_state
 from fl_server.config import RunConfig
+from fl_server.identity import identify, refusal, split_declined
 from fl_server.tracking import RunTracker
-from maxfl.messages import METRICS, PLANT, PRIVACY_PREFIX, WEIGHT_KEY
+from maxfl.messages import METRICS, PRIVACY_PREFIX, WEIGHT_KEY
 
 log = logging.getLogger("maxfl")
 
@@ -58,26 +59,43 @@ def build_strategy(cfg: RunConfig) -> Strategy:
 
 
 def plant_of(msg: Message) -> str:
-    if not msg.has_error() and PLANT in msg.content.config_records:
-        return str(msg.content[PLANT]["plant-id"])
-    return f"node-{msg.metadata.src_node_id}"
+    """The plant that sent a reply: its node's plant (fl_server.identity), never the id the reply claims."""
+    return identify(msg).plant
 
 
 _FLOWER_EXCEPTION = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
 
 
-def failure_reason(msg: Message) -> str:
-    """A failed reply's reason, without Flower's `<class '...'>:<'...'>` wrapping of exceptions."""
+_HEAP_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+>")
+
+
+def without_addresses(text: str) -> str:
+    """`<Foo object at 0x7f..>` -> `<Foo>`: a reason names what failed, never where it lived in some process's heap."""
+    return _HEAP_ADDRESS.sub(">", text)
+
+
+def _unwrapped_reason(msg: Message) -> str:
     reason = msg.error.reason
     if m := _FLOWER_EXCEPTION.match(reason):
         reason = f"{m.group(1)}: {m.group(2)}"
-    return reason if reason.startswith(("plant", "node-")) else f"{plant_of(msg)}: {reason}"
+    return without_addresses(reason)
+
+
+def failure_reason(msg: Message) -> str:
+    """A failed reply's reason, named by its node's plant, without Flower's `<class '...'>:<'...'>` wrapping."""
+    claimed, why = split_declined(_unwrapped_reason(msg))
+    plant = plant_of(msg)
+    return f"{plant} declined: {why}" if claimed is not None else f"{plant}: {why}"
 
 
 def failed_plant(msg: Message) -> tuple[str, str]:
     """(who, why) of a failed reply: the plant that declined (or the node), and its reason."""
-    who, _, why = failure_reason(msg).partition(" ")
-    return who.rstrip(":"), why.removeprefix("declined: ")
+    return plant_of(msg), split_declined(_unwrapped_reason(msg))[1]
+
+
+def heard(replies: Iterable[Message]) -> list[Message]:
+    """The replies taken from their nodes: not from a node that speaks for no plant (fl_server.identity)."""
+    return [m for m in replies if refusal(m) is None]
 
 
 def keep_common_metrics(replies: list[Message]) -> list[Message]:
@@ -161,9 +179,11 @@ class TrackedStrategy(Strategy):
         real = server_round + self.offset
         replies = list(replies)
         self._slowest_train_s = self._record("train", real, replies)
+        refused = [f"{plant_of(m)}: {refusal(m)}" for m in replies if refusal(m) is not None]
+        replies = heard(replies)
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_plants:
-            reasons = "; ".join(failure_reason(m) for m in replies if m.has_error()) or "no replies"
+            reasons = "; ".join([failure_reason(m) for m in replies if m.has_error()] + refused) or "no replies"
             raise RunAborted(f"round {real}: {len(ok)} plant(s) returned an update, {self.min_plants} needed ({reasons})")
         arrays, metrics = self.inner.aggregate_train(real, keep_common_metrics(ok))
         self.tracker.note_plants([p for p in map(plant_of, ok) if p not in self._rejected])  # the model's contributors
@@ -178,7 +198,7 @@ class TrackedStrategy(Strategy):
         metrics = None
         if self.evaluates(real):
             self._record("eval", real, replies)
-            metrics = self.inner.aggregate_evaluate(real, keep_common_metrics([m for m in replies if not m.has_error()]))
+            metrics = self.inner.aggregate_evaluate(real, keep_common_metrics([m for m in heard(replies) if not m.has_error()]))
             self._log_aggregate(metrics)
         self._finish_round(real)
         return metrics
@@ -206,6 +226,11 @@ class TrackedStrategy(Strategy):
         slowest = 0.0
         for msg in replies:
             plant = plant_of(msg)
+            if (why_not := refusal(msg)) is not None:
+                status.append(f"REFUSED {plant}: {why_not}")
+                self.tracker.audit_event("reply.refused", round=server_round, phase=phase, plant=plant,
+                                         node_id=msg.metadata.src_node_id, reason=why_not)
+                continue
             if msg.has_error():
                 status.append(f"FAILED {failure_reason(msg)}")
                 who, why = failed_plant(msg)

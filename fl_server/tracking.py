@@ -32,7 +32,7 @@ FLWR_RUN_ID_TAG = "flwr.run_id"  # the latest Flower run of this MLflow run
 FLWR_RUN_IDS_TAG = "flwr.run_ids"  # every Flower run it had: more than one after a resume
 # Keys that may change when a run is resumed (where things are, how long to wait); the rest of the run config
 # must equal the params the run started with.
-RESUME_KEYS = frozenset({"resume", "tracking-uri", "audit-log", "round-timeout-s", "poll-interval-s"})
+RESUME_KEYS = frozenset({"resume", "tracking-uri", "audit-log", "federation-dir", "round-timeout-s", "poll-interval-s"})
 
 
 def resolve_tracking_uri(configured: str) -> str:
@@ -65,6 +65,7 @@ class RunTracker:
         self.plants: set[str] = set()
         self.latest: dict[str, float] = {}  # every metric's last logged value: the lineage of the run's model
         self.fingerprints: dict[str, str] = {}  # plant -> SHA-256 of the data it trained on
+        self.agreed_examples: dict[str, int] = {}  # plant -> training records it declared (data agreement): its most weight
         self.run_series = 0  # the first Flower run of a resumed run (0: not resumed)
         self.audit: AuditLog | None = None  # the anchor's audit log: runs, rejections, gate results, deployments
 
@@ -108,6 +109,7 @@ class RunTracker:
         self._mlflow.log_dict(spec.model_dump(mode="json"), "data/task-spec.json")
         self._mlflow.log_dict({p: prof.model_dump(mode="json", by_alias=True) for p, prof in profiles.items()}, "data/profiles.json")
         self.fingerprints = {p: str(getattr(prof, "fingerprint", "")) for p, prof in profiles.items()}
+        self.agreed_examples = {p: int(getattr(prof, "examples", 0)) for p, prof in profiles.items()}
         self._mlflow.set_tags({f"maxfl.data.{p}": fp[:16] for p, fp in self.fingerprints.items()})
 
     def log_model(self, model: nn.Module, input_example: np.ndarray) -> str:

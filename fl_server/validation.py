@@ -5,9 +5,19 @@ the wrong shape, NaN, or scaled to drag the average wherever it likes. `Validate
 (composition, like Flower's DP wrappers) and lets through only updates that have the global model's arrays
 (same keys, shapes, dtypes), finite values, a positive example weight and an update norm within bounds:
 
-- absolute: `max-update-norm` bounds ||reply - global|| (L2 over all arrays); 0 turns it off;
-- relative: `update-norm-factor` rejects an update larger than factor x the median update norm of the round
-  (with 3 or more updates; the median of honest plants' norms holds while fewer than half are hostile).
+- absolute: `max-update-norm` bounds ||reply - global|| (L2 over all arrays); 0 turns it off. Off by default:
+  a sensible value depends on the model's size, the learning rate and the local steps, which the relative
+  bounds follow by themselves;
+- relative: `update-norm-factor` rejects an update larger than factor x the reference norm: the median of this
+  round's update norms together with the previous rounds' medians (up to `NORM_HISTORY`). With two plants in
+  round 1 there is no history and the median of two is their mean, which a hostile update would set itself:
+  there the reference is the smaller of the two. So the bound holds with two plants from the first round on;
+- persistent: a plant whose update is above `persistent-norm-factor` x the reference in `persistent-norm-rounds`
+  consecutive rounds is rejected, so a plant cannot stay just under the relative bound round after round.
+
+A plant's example weight (`num-examples`) is what FedAvg weighs it by; a plant may not claim more than the
+training records it declared in the data agreement (`agreed_examples`): a larger claim is capped (and reported),
+so no value near 1e308 can overflow the weighted sum or outweigh the other plants.
 
 What validation does not catch, a robust strategy (trimmed mean, median, Krum; `strategy` in the run config)
 bounds: an update of ordinary size that points the wrong way. The aggregate itself is checked again (finite,
@@ -18,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -27,13 +37,17 @@ from flwr.serverapp.strategy import Strategy
 from pydantic import BaseModel, ConfigDict, Field
 
 from fl_server.config import RunConfig
+from fl_server.identity import refusal
 from fl_server.strategy import RunAborted, plant_of
 from maxfl.messages import ARRAYS, WEIGHT_KEY
 
 log = logging.getLogger("maxfl")
 
 RejectHook = Callable[[int, str, str], None]  # (round, plant, one-line reason)
+SpendHook = Callable[[int, str, Message], "str | None"]  # (round, plant, reply) -> why its privacy report is refused, or None
+CapHook = Callable[[int, str, float, int], None]  # (round, plant, claimed num-examples, agreed training records)
 MIN_REPLIES_FOR_MEDIAN = 3  # with two updates the "median" is their mean: a hostile one would set its own bar
+NORM_HISTORY = 5  # previous rounds' median update norms the relative bound also counts
 
 
 class UpdateRules(BaseModel):
@@ -43,10 +57,34 @@ class UpdateRules(BaseModel):
 
     max_update_norm: float = Field(0.0, ge=0.0)
     norm_factor: float = Field(10.0, ge=0.0)
+    persistent_factor: float = Field(5.0, ge=0.0)
+    persistent_rounds: int = Field(3, ge=1)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> UpdateRules:
-        return cls(max_update_norm=cfg.max_update_norm, norm_factor=cfg.update_norm_factor)
+        return cls(max_update_norm=cfg.max_update_norm, norm_factor=cfg.update_norm_factor,
+                   persistent_factor=cfg.persistent_norm_factor, persistent_rounds=cfg.persistent_norm_rounds)
+
+
+def reference_norm(norms: list[float], history: list[float]) -> tuple[float, str]:
+    """The norm an update is compared with, and how it was found (for the rejection's reason).
+
+    The median of this round's norms and the previous rounds' medians; with fewer than three values in all
+    (two plants, round 1) the smallest, since the median of two is their mean and a hostile update sets it.
+    """
+    values = [n for n in norms + history if math.isfinite(n)]
+    if not values:
+        return 0.0, ""
+    if len(values) < MIN_REPLIES_FOR_MEDIAN:
+        return min(values), "the round's smaller update norm" if len(values) == 2 else "the round's only update norm"
+    if not history:
+        return float(np.median(values)), "the round's median"
+    return float(np.median(values)), f"the median of this round's norms and the last {len(history)} round(s)' medians"
+
+
+def log_capped(server_round: int, plant: str, claimed: float, agreed: int) -> None:
+    log.warning("round %d: %s claims %s examples but declared %d training records in the data agreement; weighted by %d",
+                server_round, plant, f"{claimed:.4g}", agreed, agreed)
 
 
 def log_rejection(server_round: int, plant: str, reason: str) -> None:
@@ -108,17 +146,26 @@ class ValidatedStrategy(Strategy):
     the ServerApp's log). Fewer than `min_plants` valid updates stop the run with every rejected plant's reason.
     """
 
-    def __init__(self, inner: Strategy, rules: UpdateRules, min_plants: int, on_reject: RejectHook | None = None) -> None:
+    def __init__(self, inner: Strategy, rules: UpdateRules, min_plants: int, on_reject: RejectHook | None = None,
+                 agreed_examples: Mapping[str, int] | None = None, on_cap: CapHook | None = None,
+                 check_spend: SpendHook | None = None) -> None:
         self.inner = inner
         self.rules = rules
         self.min_plants = min_plants
         self.on_reject = on_reject if on_reject is not None else log_rejection
+        # Training records per plant from the data agreement; None: no agreement (example weights are not capped).
+        self.agreed_examples = dict(agreed_examples) if agreed_examples is not None else None
+        self.on_cap = on_cap if on_cap is not None else log_capped
+        # Whether the plant's reported lifetime privacy spend went down (fl_server.privacy_watch); None: not checked.
+        self.check_spend = check_spend
         self._sent: dict[str, np.ndarray] | None = None
         # The last round's update norm per plant (well-formed updates only), for tracking and for choosing bounds.
         self.update_norms: dict[str, float] = {}
+        self.norm_history: list[float] = []  # previous rounds' reference norms of accepted updates, oldest first
+        self.norm_streaks: dict[str, int] = {}  # plant -> consecutive rounds above persistent_factor x the reference
 
     def summary(self) -> None:
-        relative = f"{self.rules.norm_factor:g} x the round's median" if self.rules.norm_factor else "off"
+        relative = f"{self.rules.norm_factor:g} x the median (this round and the last {NORM_HISTORY})" if self.rules.norm_factor else "off"
         log.info("update validation: keys, shapes, dtypes, finite values; update norm bound %s, relative bound %s",
                  f"{self.rules.max_update_norm:g}" if self.rules.max_update_norm else "off", relative)
         self.inner.summary()
@@ -136,21 +183,37 @@ class ValidatedStrategy(Strategy):
         rejected: list[tuple[str, str]] = []
         checked: list[tuple[Message, float]] = []
         for msg in (m for m in replies if not m.has_error()):
-            problem, norm = check_update(msg.content, self._sent)
+            problem, norm = refusal(msg), math.nan
+            if problem is None:
+                problem, norm = check_update(msg.content, self._sent)
             if problem:
                 rejected.append((plant_of(msg), problem))
             else:
                 checked.append((msg, norm))
         self.update_norms = {plant_of(msg): norm for msg, norm in checked}
         valid = []
-        median = float(np.median([n for _, n in checked])) if len(checked) >= MIN_REPLIES_FOR_MEDIAN else 0.0
+        reference, basis = reference_norm([n for _, n in checked], self.norm_history[-NORM_HISTORY:])
+        rules = self.rules
         for msg, norm in checked:
-            if self.rules.max_update_norm and norm > self.rules.max_update_norm:
-                rejected.append((plant_of(msg), f"update norm {norm:.4g} exceeds max-update-norm {self.rules.max_update_norm:g}"))
-            elif self.rules.norm_factor and median > 0 and norm > self.rules.norm_factor * median:
-                rejected.append((plant_of(msg), f"update norm {norm:.4g} exceeds {self.rules.norm_factor:g} x the round's median {median:.4g}"))
+            plant = plant_of(msg)
+            streak = self.norm_streaks.get(plant, 0) + 1 if rules.persistent_factor and reference > 0 and norm > rules.persistent_factor * reference else 0
+            self.norm_streaks[plant] = streak
+            if rules.max_update_norm and norm > rules.max_update_norm:
+                rejected.append((plant, f"update norm {norm:.4g} exceeds max-update-norm {rules.max_update_norm:g}"))
+            elif rules.norm_factor and reference > 0 and norm > rules.norm_factor * reference:
+                rejected.append((plant, f"update norm {norm:.4g} exceeds {rules.norm_factor:g} x {basis} {reference:.4g}"))
+            elif streak >= rules.persistent_rounds:
+                rejected.append((plant, f"update norm {norm:.4g} is {norm / reference:.1f} x {basis} {reference:.4g}, above "
+                                        f"{rules.persistent_factor:g} x in {streak} consecutive rounds (persistent-norm-rounds {rules.persistent_rounds})"))
+            elif self.check_spend is not None and (problem := self.check_spend(server_round, plant, msg)) is not None:
+                rejected.append((plant, problem))
+            elif (problem := self._cap_weight(server_round, plant, msg)) is not None:
+                rejected.append((plant, problem))
             else:
                 valid.append(msg)
+        accepted = [self.update_norms[plant_of(m)] for m in valid]
+        if accepted:
+            self.norm_history.append(reference_norm(accepted, [])[0])
         for plant, reason in rejected:
             self.on_reject(server_round, plant, reason)
         if len(valid) < self.min_plants:
@@ -160,6 +223,22 @@ class ValidatedStrategy(Strategy):
         if arrays is not None:
             arrays = self._settle_aggregate(server_round, arrays, len(valid))
         return arrays, metrics
+
+    def _cap_weight(self, server_round: int, plant: str, msg: Message) -> str | None:
+        """Cap the reply's example weight at the plant's agreed training records; why it cannot be used, or None."""
+        if self.agreed_examples is None:
+            return None
+        agreed = self.agreed_examples.get(plant)
+        if agreed is None:
+            return "this plant took no part in the run's data agreement"
+        if agreed <= 0:
+            return "this plant declared no training records in the data agreement"
+        metrics = next(iter(msg.content.metric_records.values()))
+        claimed = float(metrics[WEIGHT_KEY])  # type: ignore[arg-type]
+        if claimed > agreed:
+            metrics[WEIGHT_KEY] = agreed
+            self.on_cap(server_round, plant, claimed, agreed)
+        return None
 
     def _settle_aggregate(self, server_round: int, arrays: ArrayRecord, num_valid: int) -> ArrayRecord:
         """Defence in depth: a strategy's own arithmetic (or a wrapper's noise) must not break the model.

@@ -129,10 +129,16 @@ def check_data(
     console.print(f"[green]ok[/green]: {profile.examples} training examples for task {task} in {data_dir}")
 
 
+PERSONALISATION_NOTE = ("personalisation at this plant (fine-tuning an approved model, training a local-only one) spends no epsilon: "
+                        "what it trains never leaves the plant, so it is not in this ledger")
+
+
 @app.command()
 def ledger(
     node_config: Annotated[str | None, typer.Option(help="The plant SuperNode's --node-config string (plant id, ceiling, delta, ledger).")] = None,
     path: Annotated[Path | None, typer.Option("--ledger", help="A ledger file to inspect (no ceiling known).")] = None,
+    key: Annotated[Path | None, typer.Option("--ledger-key", help="With --ledger: its key file (default <ledger>.key).")] = None,
+    repair_from_journal: Annotated[bool, typer.Option("--repair-from-journal", help="Rebuild the ledger from its journal (needs --node-config); never lowers a spend.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Plant side: what this plant has spent, per data set and run, against its ceiling."""
@@ -146,22 +152,31 @@ def ledger(
         from fl_client.config import PlantConfig
 
         plant = PlantConfig.from_node_config(node_config)
-        book, delta, ceiling = Ledger(path or plant.ledger_path(), plant.plant_id), plant.delta, plant.max_epsilon
+        book = plant.privacy().ledger if path is None else Ledger(path, plant.plant_id, key=key or plant.ledger_key, mirror=plant.ledger_mirror)
+        delta, ceiling = plant.delta, plant.max_epsilon
     elif path is not None:
         from fl_client.config import PlantConfig
 
-        book, delta, ceiling = Ledger(path, None), PlantConfig.model_fields["delta"].default, None
+        book, delta, ceiling = Ledger(path, None, key=key), PlantConfig.model_fields["delta"].default, None
     else:
         raise ConfigError("say whose ledger: --node-config '<the SuperNode's node config>' or --ledger PATH")
+    if repair_from_journal:
+        if node_config is None:
+            raise ConfigError("--repair-from-journal rewrites a plant's own ledger: give --node-config '<the SuperNode's node config>'")
+        for line in book.repair_from_journal():
+            console.print(line)
+        console.print(f"[green]repaired[/green]: {book.path} holds every round its journal does")
     state = book.read()
     spends = spending(state, delta, ceiling)
     if json_:
         console.print_json(json.dumps({"plant-id": state.plant_id, "ledger": str(book.path),
-                                       "data-sets": [s.model_dump(mode="json") for s in spends]}))
+                                       "data-sets": [s.model_dump(mode="json") for s in spends],
+                                       "personalisation-epsilon": 0.0}))
         return
     console.print(f"privacy ledger of {state.plant_id}: {book.path} (accountant: {state.accountant}, delta {delta:g})")
     if not spends:
         console.print("no DP training recorded yet")
+        console.print(PERSONALISATION_NOTE)
         return
     table = Table("data set", "task", "runs", "rounds", "epsilon", "ceiling", "left", "last used", box=box.SIMPLE)
     for s in spends:
@@ -175,6 +190,7 @@ def ledger(
             runs.add_row(s.fingerprint[:12], str(r.run_id), str(r.rounds), f"{r.epsilon:.3f}")
     console.print(runs)
     console.print("epsilon spent composes every round of every run (RDP); per-run values do not add up to it")
+    console.print(PERSONALISATION_NOTE)
 
 
 @app.command()

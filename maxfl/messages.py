@@ -13,6 +13,7 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 PLANT = "plant"  # ConfigRecord in every reply: which plant answered (node ids are opaque)
+FINGERPRINT_KEY = "data-fingerprint"  # in a train reply's PLANT record: the data set its ledger charged (fl_server.privacy_watch)
 PROFILE = "profile"  # ConfigRecord key in a query reply: the plant's DataProfile as JSON
 WEIGHT_KEY = "num-examples"
 ONNX = "onnx"  # ConfigRecord {"model": bytes}: a model's ONNX file (gate evaluation, deploy)
@@ -64,3 +65,4 @@ class DeployAck(FlowerSettings, extra="forbid"):
     version: int = Field(ge=0)  # the version the message carried
     serving: int = Field(0, ge=0)  # the version the plant's store has current afterwards (0: none)
     detail: str = ""
+    variant: Literal["global", "personalised", "local"] = "global"  # what the plant serves of it (fl_client.personalise)

@@ -19,8 +19,11 @@ OUTPUT_NAME = "logits"
 OPSET = 18
 
 
-def export(model: nn.Module, example: np.ndarray) -> bytes:
-    """The model as ONNX bytes, with a dynamic batch dimension (`example` must be a batch of two or more)."""
+def export(model: nn.Module, example: np.ndarray, dynamo: bool = True) -> bytes:
+    """The model as ONNX bytes, with a dynamic batch dimension (`example` must be a batch of two or more).
+
+    The anchor exports with torch.export (dynamo); a plant, whose install has no onnx/onnxscript, exports its own
+    personalised variant with torch's TorchScript exporter (`dynamo=False`), which needs neither."""
     import torch
 
     model.eval()
@@ -28,14 +31,18 @@ def export(model: nn.Module, example: np.ndarray) -> bytes:
     # torch's exporter warns about optional torchvision ops and its own internals on every call; nothing actionable.
     for noisy in ("torch.onnx", "torch.export", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if not dynamo:
+            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+            return buf.getvalue()
         program = torch.onnx.export(
             model, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
         )
     assert program is not None
-    buf = io.BytesIO()
     program.save(buf)
     return buf.getvalue()
 
@@ -59,15 +66,18 @@ def run(sess: onnxruntime.InferenceSession, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def max_deviation(sess: onnxruntime.InferenceSession, model: nn.Module, x: np.ndarray, batch_size: int = 256) -> float:
-    """Largest absolute difference between the ONNX and the torch model's outputs on `x`."""
+def max_deviation(sess: onnxruntime.InferenceSession, model: nn.Module, x: np.ndarray, batch_size: int = 256,
+                  onnx_inputs: np.ndarray | None = None) -> float:
+    """Largest absolute difference between the ONNX and the torch model's outputs on `x`; with `onnx_inputs`, the
+    ONNX model runs on those instead (the same records before feature extraction, for an exported pipeline)."""
     import torch
 
     model.eval()
+    served = x if onnx_inputs is None else onnx_inputs
     worst = 0.0
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             chunk = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
             expected = model(torch.from_numpy(chunk)).numpy()
-            worst = max(worst, float(np.abs(run(sess, chunk) - expected).max(initial=0.0)))
+            worst = max(worst, float(np.abs(run(sess, served[start : start + batch_size]) - expected).max(initial=0.0)))
     return worst

@@ -38,6 +38,9 @@ class ReleaseManifest(BaseModel):
     mlflow_run_id: str
     flwr_run_id: int
     created_at: datetime
+    # The training run's seed: it fixed every plant's held-out split, so a plant personalising this model carves its
+    # validation records out of the same training split and never touches the test split.
+    seed: int = 0
 
     @property
     def label(self) -> str:

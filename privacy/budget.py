@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from maxfl.errors import ConfigError, UserError
+from pydantic import ValidationError
+
+from maxfl.errors import ConfigError, UserError, describe_validation_error
 from maxfl.messages import PRIVACY_PREFIX
 from privacy.accountant import Mechanism, epsilon, plan_noise_multiplier, poisson_schedule
 from privacy.ledger import DataSetRecord, Ledger, new_entry
@@ -39,6 +41,7 @@ class RoundGrant:
     mechanism: Mechanism
     max_grad_norm: float
     metrics: dict[str, float]
+    fingerprint: str  # the data set's; with dp_epsilon and dp_rounds the anchor's SpendWatch sees a spend go down
 
     @property
     def private(self) -> bool:
@@ -60,8 +63,18 @@ def _noise_multiplier(plan: PrivacyPlan, data_set: DataSetRecord, run_id: int, d
     if plan.privacy == "none":
         return 0.0
     if plan.target_epsilon > 0.0:
-        return plan_noise_multiplier(plan.target_epsilon, delta, sample_rate, steps * num_rounds)
+        try:
+            return plan_noise_multiplier(plan.target_epsilon, delta, sample_rate, steps * num_rounds)
+        except ValueError as exc:  # a target of 0+ or inf: the search is bounded and says so
+            raise ConfigError(f"the run's target-epsilon cannot be planned on this plant: {exc}") from None
     return plan.noise_multiplier
+
+
+def _mechanism(sigma: float, sample_rate: float, steps: int) -> Mechanism:
+    try:
+        return Mechanism(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+    except ValidationError as exc:  # e.g. noise-multiplier = inf in the run config
+        raise ConfigError(f"the run asks for a mechanism this plant cannot account for: {describe_validation_error(exc, 'mechanism')}") from None
 
 
 def authorize_round(
@@ -81,7 +94,7 @@ def authorize_round(
     with plant.ledger.transaction() as state:
         data_set = state.data_sets.setdefault(fingerprint, DataSetRecord(task=task, records=records))
         sigma = _noise_multiplier(plan, data_set, run_id, plant.delta, sample_rate, steps, num_rounds)
-        mechanism = Mechanism(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        mechanism = _mechanism(sigma, sample_rate, steps)
         spent = data_set.spent(plant.delta)
         after = epsilon([*data_set.mechanisms(), mechanism], plant.delta)
         if after > plant.max_epsilon:
@@ -93,9 +106,11 @@ def authorize_round(
         data_set.entries.append(new_entry(mechanism, run_id=run_id, server_round=server_round, delta=plant.delta,
                                           max_grad_norm=plan.max_grad_norm, epsilon_after=after))
         spent_in_run = data_set.spent_in_run(run_id, plant.delta)
+        rounds = len(data_set.entries)
     figures = {
         "epsilon": after,
         "epsilon_run": spent_in_run,
+        "rounds": float(rounds),  # lifetime rounds on this data set: independent of delta, it only grows
         "epsilon_ceiling": plant.max_epsilon,
         "delta": plant.delta,
         "noise_multiplier": sigma,
@@ -104,4 +119,4 @@ def authorize_round(
         "max_grad_norm": plan.max_grad_norm,
     }
     metrics = {f"{PRIVACY_PREFIX}{k}": v for k, v in figures.items()}
-    return RoundGrant(mechanism=mechanism, max_grad_norm=plan.max_grad_norm, metrics=metrics)
+    return RoundGrant(mechanism=mechanism, max_grad_norm=plan.max_grad_norm, metrics=metrics, fingerprint=fingerprint)

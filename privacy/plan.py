@@ -22,6 +22,9 @@ class PrivacyPlan(FlowerSettings):
     noise_multiplier: float = Field(0.0, ge=0.0)
     # Per-example gradient clipping bound (L2).
     max_grad_norm: float = Field(1.0, gt=0.0)
+    # auto: under DP-SGD each plant derives its batch size from its own record count (privacy.recipe: large batches,
+    # at least 4 a epoch); fixed: every plant uses batch-size as given.
+    dp_recipe: Literal["auto", "fixed"] = "auto"
 
     @model_validator(mode="after")
     def _noise_is_defined(self) -> Self:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +96,10 @@ class PlantData:
     # Indices of training records that share no raw sample. DP's unit is one raw sample, so DP-SGD trains on
     # these only; None: every record is its own raw sample (an image, a table row).
     disjoint_train: torch.Tensor | None = None
+    # The exported model's inputs for the first test records, when they are not `x_test` itself (a head trained on
+    # cached features is exported behind its extractor, which takes images): the ONNX check compares the export on
+    # these with the trained model on `x_test[:k]`, so it also catches features that drifted from their extractor.
+    export_inputs: Callable[[], torch.Tensor] | None = None
 
     def private_records(self) -> torch.Tensor:
         """The training records DP-SGD may sample from."""
@@ -108,6 +112,18 @@ def scheduled_learning_rate(base: float, schedule: str, server_round: int, num_r
     if schedule == "cosine" and num_rounds > 1:
         return base * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / num_rounds))
     return base
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Local epochs and learning rate a model trains well with; the run config's 0 means "the model's own".
+    A head on frozen unit-norm features wants many cheap epochs at a high rate, an end-to-end CNN few at a low one."""
+
+    local_epochs: int = 1
+    learning_rate: float = 0.05
+
+
+HEAD_TRAINING = TrainingDefaults(local_epochs=5, learning_rate=0.5)
 
 
 class TaskOptions(BaseModel):
@@ -221,10 +237,20 @@ class Task(Protocol):
         """Anchor side: check the plants agree (SchemaMismatch otherwise) and merge their statistics."""
         ...
 
-    def build_model(self, spec: TaskSpec) -> nn.Module: ...
+    def build_model(self, spec: TaskSpec) -> nn.Module:
+        """What plants train and send each round."""
+        ...
+
+    def deployable(self, spec: TaskSpec, model: nn.Module) -> nn.Module:
+        """What the edge serves and MLflow logs: `model` itself, or the trained head behind its frozen extractor."""
+        ...
+
+    def training_defaults(self, spec: TaskSpec) -> TrainingDefaults:
+        """What `local-epochs = 0` and `learning-rate = 0` in the run config stand for with this spec's model."""
+        ...
 
     def input_example(self, spec: TaskSpec) -> np.ndarray:
-        """A real-shaped batch of two, for model signatures and exports.
+        """A real-shaped batch of two for the deployable model, for model signatures and exports.
 
         Two, not one: torch.export fixes a dimension of size 1, so a batch of one would export a model
         that only ever accepts one input.

@@ -3,9 +3,13 @@
 Deployment mode is secure by default, built with the anchor's and the plants' own onboarding code: a fresh
 federation (CA, SuperLink certificate) under <workdir>/federation, the SuperLink with TLS and SuperNode
 authentication, a key per demo plant (kept under its node home), each plant registered and given its join kit
-(`add_plant`), and each SuperNode started from its kit exactly as `maxfl plant join` starts it. Simulation mode
+(`add_plant`), and each SuperNode started from its kit exactly as `maxfl plant join` starts it. The topology is the
+anchor's (`maxfl federation superlink`): the SuperLink on its own loopback port, the reverse proxy (Caddy,
+fl_server.proxy) on the plants' port forwarding the Fleet API only; the plants' kits name the proxy, and the
+anchor's own Flower CLI config (`flwr run`, registration) names the SuperLink's port. Simulation mode
 has no SuperNodes and nothing on the network but loopback between the SuperLink and its own processes: it stays
-insecure. `FederationSettings.insecure` (`maxfl federate --insecure`) is the old plain-HTTP demo.
+insecure. `FederationSettings.insecure` (`maxfl federate --insecure`) is the old plain-HTTP demo, with the plants
+connected to the SuperLink directly (no proxy: nothing to protect without TLS and node authentication).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from fl_client.join import (
     rejected_by_superlink, supernode_argv, warm_exec_argv,
 )
 from fl_server.config import RunConfig
-from fl_server.provision import Federation, add_plant, flwr_register, init_federation, superlink_argv
+from fl_server.provision import Federation, add_plant, flwr_register, init_federation, proxy_config, superlink_argv
+from fl_server.proxy import caddy_argv, caddy_binary, caddy_env, healthy, write_config
 from fl_server.tracking import check_reachable
 from maxfl.atomic import atomic_write_text
 from maxfl.errors import ConfigError, DataError, ProcessError, UserError
@@ -69,7 +74,8 @@ class FederationSettings(BaseModel):
     run_overrides: dict[str, Any] = Field(default_factory=dict)
     examples_per_plant: int | None = Field(None, ge=20)
     mlflow_port: int | None = Field(None, ge=1, le=65535)
-    superlink_port: int | None = Field(None, ge=1, le=65535)
+    superlink_port: int | None = Field(None, ge=1, le=65535)  # the SuperLink's own port (loopback)
+    proxy_port: int | None = Field(None, ge=1, le=65535)  # the plants' port: the proxy in front of the SuperLink (secure mode)
     keep_mlflow: bool = False
     # An MLflow server that is already running (the anchor's own); none: start one under workdir.
     tracking_uri: str | None = None
@@ -145,7 +151,8 @@ class LocalFederation:
         self.base_overrides: dict[str, Any] = {}
         self.audit_log = self.work / "anchor" / "audit.jsonl"
         self.cli_home = self.work / "cli"
-        self.superlink = ""
+        self.superlink = ""  # the SuperLink's own address: the anchor's CLI (Control API) talks to it
+        self.plants_address = ""  # where plants connect: the proxy (secure mode), else the SuperLink itself
         self.federation_dir = self.work / "federation"
         self.federation: Federation | None = None  # set while a secure federation runs
         self.kits: dict[str, Path] = {}  # plant id -> its join kit (secure mode)
@@ -215,20 +222,31 @@ class LocalFederation:
     def await_mlflow(self, uri: str) -> None:
         self.procs.wait_until("MLflow to answer", lambda: _http_ok(f"{uri}/health"), STARTUP_TIMEOUT_S, self._mlflow)
 
-    def provision(self, port: int) -> Federation:
-        """A fresh federation for this launch (CA, SuperLink certificate, audit log) under <workdir>/federation."""
+    def provision(self, port: int, proxy_port: int) -> Federation:
+        """A fresh federation for this launch (CA, SuperLink certificate, audit log) under <workdir>/federation.
+
+        Plants reach the proxy's port; the SuperLink itself, and the anchor's CLI, use `port`."""
         shutil.rmtree(self.federation_dir, ignore_errors=True)
         self.kits = {}
-        self.federation = init_federation(self.federation_dir, "local", f"127.0.0.1:{port}", ca_days=30, days=30)
+        self.federation = init_federation(self.federation_dir, "local", f"127.0.0.1:{proxy_port}", ca_days=30, days=30,
+                                          control_address=f"127.0.0.1:{port}")
         return self.federation
 
-    def start_superlink(self, port: int) -> str:
+    def start_proxy(self, fed: Federation, superlink: str) -> str:
+        """The reverse proxy on the plants' port: TLS with the SuperLink's certificate, the Fleet API only."""
+        address = fed.info.superlink_address
+        proxy = proxy_config(fed, address, upstream=superlink)
+        proc = self.procs.start("proxy", caddy_argv(caddy_binary(), write_config(proxy)), caddy_env(proxy, self.env))
+        self.procs.wait_until("the proxy to answer", lambda: healthy(address, fed.ca_cert), STARTUP_TIMEOUT_S, proc)
+        return address
+
+    def start_superlink(self, port: int, proxy_port: int | None = None) -> str:
         home = self.work / "superlink"
         home.mkdir(parents=True, exist_ok=True)
         # Fresh state each launch: nodes of an earlier launch would otherwise be sampled and time out.
         for stale in home.glob("state.db*"):
             stale.unlink()
-        fed = self.provision(port) if self.secure else None
+        fed = self.provision(port, proxy_port or self.reserve_port()) if self.secure else None
         argv = superlink_argv(fed, self.bin, "127.0.0.1", port, home / "state.db", simulation=self.s.mode == "simulation")
         proc = self.procs.start("superlink", argv, {**self.env, "FLWR_HOME": str(home / "flwr-home")})
         address = f"127.0.0.1:{port}"
@@ -238,6 +256,7 @@ class LocalFederation:
             tls = ssl.create_default_context(cafile=str(fed.ca_cert))
             ready = lambda: _http_ok(f"https://{address}/health", verify=tls)  # noqa: E731
         self.procs.wait_until("the SuperLink to answer", ready, STARTUP_TIMEOUT_S, proc)
+        self.plants_address = address if fed is None else self.start_proxy(fed, address)
         return address
 
     def node_home(self, plant: PlantConfig) -> Path:
@@ -384,7 +403,7 @@ class LocalFederation:
 
     def restart_plant(self, plant_id: str) -> None:
         """Start a stopped plant again (same key, same node id when secure); returns once it is connected."""
-        self.start_plants(self.superlink, [p for p in self.plants if p.plant_id == plant_id])
+        self.start_plants(self.plants_address, [p for p in self.plants if p.plant_id == plant_id])
 
     def _threads_per_plant(self) -> int:
         """Plants on one machine share its cores: oversubscribed torch threads slow every plant down."""
@@ -468,6 +487,9 @@ class LocalFederation:
             raise ConfigError("--keep-mlflow keeps the MLflow server this command starts; with --tracking-uri yours stays up anyway")
         mlflow_port = None if self.s.tracking_uri else self.reserve_port(self.s.mlflow_port, "MLflow", "--mlflow-port")
         superlink_port = self.reserve_port(self.s.superlink_port, "the SuperLink", "--superlink-port")
+        proxy_port = self.reserve_port(self.s.proxy_port, "the proxy", "proxy_port") if self.secure else None
+        if self.secure:
+            caddy_binary()  # missing: one line naming the package, before any process starts
         self.plants = self.prepare_data(cfg.task, cfg.seed)
         try:
             if self.s.tracking_uri:
@@ -477,13 +499,15 @@ class LocalFederation:
             else:
                 assert mlflow_port is not None
                 self.tracking_uri = self.launch_mlflow(mlflow_port)  # answers by the time the plants are up
-            superlink = self.superlink = self.start_superlink(superlink_port)
+            superlink = self.superlink = self.start_superlink(superlink_port, proxy_port)
             security = "TLS + SuperNode authentication" if self.secure else "INSECURE: no TLS, no node authentication"
             self.echo(f"SuperLink ({self.s.mode}, {security}): {superlink}")
+            if self.plants_address != superlink:
+                self.echo(f"proxy for plants (Fleet API only): {self.plants_address}")
             # The anchor's audit log persists across launches, like its MLflow store (the demo CA does not).
             self.base_overrides = {**self.s.run_overrides, "tracking-uri": self.tracking_uri, "audit-log": str(self.audit_log)}
             if self.s.mode == "deployment":
-                self.start_plants(superlink, self.plants)
+                self.start_plants(self.plants_address, self.plants)
                 joined = " (registered, joined with their kits)" if self.secure else ""
                 self.echo(f"plants: {', '.join(p.plant_id for p in self.plants)} (SuperNodes connected){joined}")
             if not self.s.tracking_uri:

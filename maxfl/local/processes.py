@@ -119,6 +119,7 @@ class ProcessGroup:
                 popen = subprocess.Popen(
                     list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env=env, cwd=cwd, start_new_session=True,
+                    umask=0o077,  # the SuperLink's state.db, MLflow's artifacts (weights, profiles), ledgers: owner only
                 )
             except OSError as exc:
                 raise ProcessError(f"cannot start {name} ({argv[0]}): {exc.strerror}; is the environment installed?") from None

@@ -10,11 +10,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
+from tasks.base import (
+    HEAD_TRAINING, DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainingDefaults, TrainSettings, check_schemas, resolve_model,
+)
 from tasks.classification import evaluate_classifier, train_classifier
 from tasks.defect.data import IMAGE_SIZE, load_plant_shard, write_plant_shards
 from tasks.defect.model import DefectCNN
 from tasks.defect.serving import defect_serving
+from tasks.features import deployable, get_backbone, image_model
 
 CLASSES = ("good", "defective")
 
@@ -38,7 +41,9 @@ class DefectSpec(TaskSpec):
 
 class DefectTask:
     name = "defect"
-    models = ("cnn",)
+    # Frozen ImageNet features + a DP-trained linear head (default), the same with a small hidden layer, wavelet
+    # scattering features + linear head, and the end-to-end CNN (the baseline arm).
+    models = ("effnet-lite0", "effnet-lite0-mlp", "scatnet", "cnn")
     profile_type = DefectProfile
     spec_type = DefectSpec
 
@@ -58,19 +63,28 @@ class DefectTask:
         return DefectSpec(task=self.name, model=resolve_model(self, options), num_classes=len(CLASSES))
 
     def build_model(self, spec: TaskSpec) -> nn.Module:
-        return DefectCNN(num_classes=spec.num_classes)
+        return image_model(spec.model, spec.num_classes, lambda: DefectCNN(num_classes=spec.num_classes))
+
+    def deployable(self, spec: TaskSpec, model: nn.Module) -> nn.Module:
+        return deployable(spec.model, model)
+
+    def training_defaults(self, spec: TaskSpec) -> TrainingDefaults:
+        return HEAD_TRAINING if get_backbone(spec.model) else TrainingDefaults()
 
     def input_example(self, spec: TaskSpec) -> np.ndarray:
-        return np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+        backbone = get_backbone(spec.model)
+        size = IMAGE_SIZE if backbone is None else backbone.input_size
+        return np.zeros((2, 1, size, size), dtype=np.float32)
 
     def load_plant_data(self, data_dir: Path, seed: int, spec: TaskSpec) -> PlantData:
-        return load_plant_shard(data_dir, seed)
+        return load_plant_shard(data_dir, seed, get_backbone(spec.model))
 
     def prepare_plants(self, n_plants: int, root: Path, seed: int, limit: int | None = None) -> list[Path]:
         return write_plant_shards(root, n_plants, seed, limit)
 
     def train(self, model: nn.Module, data: PlantData, settings: TrainSettings, spec: TaskSpec) -> dict[str, float]:
-        return train_classifier(model, data, settings, spec.num_classes, augment=flip_augment)
+        augment = flip_augment if get_backbone(spec.model) is None else None  # features are computed once, unflipped
+        return train_classifier(model, data, settings, spec.num_classes, augment=augment)
 
     def evaluate(self, model: nn.Module, data: PlantData, spec: TaskSpec) -> dict[str, float]:
         return evaluate_classifier(model, data, spec.num_classes)
@@ -78,7 +92,7 @@ class DefectTask:
     def serving(self, spec: TaskSpec, data_dir: Path) -> Serving:
         """Cell images of any format, size and colour; the plant's shard is not needed, preprocessing is per image."""
         assert isinstance(spec, DefectSpec)
-        return defect_serving(spec.classes)
+        return defect_serving(spec.classes, get_backbone(spec.model))
 
 
 TASK = DefectTask()

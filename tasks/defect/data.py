@@ -14,6 +14,8 @@ from torch.nn import functional as F
 from maxfl.atomic import atomic_path, atomic_write_text
 from maxfl.errors import DataError
 from tasks.base import PlantData
+from tasks.features.backbones import Backbone
+from tasks.features.cache import cached_features, to_inputs
 from tasks.defect.split import holdout_split, split_plants
 
 SHARD_FILE = "defect.npz"
@@ -119,7 +121,19 @@ def _preprocessed(shard: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     return x, y, fingerprint
 
 
-def load_plant_shard(data_dir: Path, seed: int) -> PlantData:
-    x, y, fingerprint = _preprocessed(data_dir / SHARD_FILE)
+EXPORT_CHECK_RECORDS = 32  # test images the plant runs through the ONNX export of a feature pipeline
+
+
+def load_plant_shard(data_dir: Path, seed: int, backbone: Backbone | None = None) -> PlantData:
+    """The plant's shard as model inputs: 64x64 standardised images, or (with a backbone) their cached features."""
+    shard = data_dir / SHARD_FILE
+    x, y, fingerprint = _preprocessed(shard)
     train_idx, test_idx = holdout_split(y.numpy(), TEST_FRACTION, seed)
-    return PlantData(x[train_idx], y[train_idx], x[test_idx], y[test_idx], fingerprint=fingerprint)
+    if backbone is None:
+        return PlantData(x[train_idx], y[train_idx], x[test_idx], y[test_idx], fingerprint=fingerprint)
+    feats = cached_features(backbone, fingerprint, lambda: _read_shard(shard)[0], expected=len(y))
+
+    def export_inputs() -> torch.Tensor:
+        return to_inputs(_read_shard(shard)[0][test_idx[:EXPORT_CHECK_RECORDS]], backbone.input_size)
+
+    return PlantData(feats[train_idx], y[train_idx], feats[test_idx], y[test_idx], fingerprint=fingerprint, export_inputs=export_inputs)

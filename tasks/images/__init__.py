@@ -18,7 +18,9 @@ from pydantic import Field
 from torch import nn
 
 from maxfl.errors import DataError
-from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
+from tasks.base import (
+    HEAD_TRAINING, DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainingDefaults, TrainSettings, check_schemas, resolve_model,
+)
 from tasks.classification import evaluate_classifier, train_classifier
 from tasks.defect import flip_augment
 from tasks.defect.data import preprocess
@@ -26,7 +28,10 @@ from tasks.defect.split import holdout_split
 from tasks.images.cache import cached
 from tasks.images.demo import write_image_plants
 from tasks.images.folder import read_folder
+from tasks.defect.data import EXPORT_CHECK_RECORDS
 from tasks.defect.model import DefectCNN
+from tasks.features import deployable, get_backbone, image_model
+from tasks.features.cache import cached_features, to_inputs
 from tasks.manifest import MANIFEST_FILE, Manifest, fingerprint, load_manifest
 
 __all__ = ["TASK", "ImagesProfile", "ImagesSpec", "ImagesTask", "standardise"]
@@ -54,6 +59,12 @@ def standardise(pixels: np.ndarray, size: int) -> torch.Tensor:
     return preprocess(planes, size).reshape(n, c, size, size)
 
 
+def input_size(spec: ImagesSpec) -> int:
+    """The deployable model's input side: the run's image size for the CNN, the backbone's own otherwise."""
+    backbone = get_backbone(spec.model)
+    return spec.image_size if backbone is None else backbone.input_size
+
+
 def _train_mask(labels: np.ndarray, manifest: Manifest, seed: int) -> np.ndarray:
     """Stratified by class and fixed by seed: profile and training see the same split."""
     train_idx, _ = holdout_split(labels.astype(str), manifest.test_fraction, seed)
@@ -64,7 +75,7 @@ def _train_mask(labels: np.ndarray, manifest: Manifest, seed: int) -> np.ndarray
 
 class ImagesTask:
     name = "images"
-    models = ("cnn",)
+    models = ("effnet-lite0", "effnet-lite0-mlp", "scatnet", "cnn")  # as the defect task: frozen features first
     profile_type = ImagesProfile
     spec_type = ImagesSpec
 
@@ -105,11 +116,18 @@ class ImagesTask:
 
     def build_model(self, spec: TaskSpec) -> nn.Module:
         assert isinstance(spec, ImagesSpec)
-        return DefectCNN(num_classes=spec.num_classes, in_channels=spec.channels)
+        return image_model(spec.model, spec.num_classes, lambda: DefectCNN(num_classes=spec.num_classes, in_channels=spec.channels))
+
+    def deployable(self, spec: TaskSpec, model: nn.Module) -> nn.Module:
+        return deployable(spec.model, model)
+
+    def training_defaults(self, spec: TaskSpec) -> TrainingDefaults:
+        return HEAD_TRAINING if get_backbone(spec.model) else TrainingDefaults()
 
     def input_example(self, spec: TaskSpec) -> np.ndarray:
         assert isinstance(spec, ImagesSpec)
-        return np.zeros((2, spec.channels, spec.image_size, spec.image_size), dtype=np.float32)
+        size = input_size(spec)
+        return np.zeros((2, spec.channels, size, size), dtype=np.float32)
 
     def load_plant_data(self, data_dir: Path, seed: int, spec: TaskSpec) -> PlantData:
         assert isinstance(spec, ImagesSpec)
@@ -121,13 +139,22 @@ class ImagesTask:
                 f"channel(s); restore the manifest or profile the plants again"
             )
         fp = fingerprint(manifest, data_dir)
+        backbone = get_backbone(spec.model)
+        if backbone is None:
+            def build() -> dict[str, object]:
+                pixels, labels = read_folder(data_dir, manifest)
+                return {"x": standardise(pixels, spec.image_size), "labels": labels.tolist()}
 
-        def build() -> dict[str, object]:
+            tensors = cached(data_dir, fp, spec.image_size, build)
+            x, labels = tensors["x"], np.array(tensors["labels"], dtype=object)
+            export_inputs = None
+        else:
             pixels, labels = read_folder(data_dir, manifest)
-            return {"x": standardise(pixels, spec.image_size), "labels": labels.tolist()}
+            x = cached_features(backbone, fp, lambda: pixels, expected=len(labels))
 
-        tensors = cached(data_dir, fp, spec.image_size, build)
-        x, labels = tensors["x"], np.array(tensors["labels"], dtype=object)
+            def export_inputs() -> torch.Tensor:
+                test = np.flatnonzero(~_train_mask(labels, manifest, seed))[:EXPORT_CHECK_RECORDS]
+                return to_inputs(pixels[test], backbone.input_size)
         assert isinstance(x, torch.Tensor)
         index = {c: i for i, c in enumerate(spec.classes)}
         unknown = sorted(set(labels.tolist()) - index.keys())
@@ -139,13 +166,14 @@ class ImagesTask:
             )
         y = torch.tensor([index[c] for c in labels], dtype=torch.int64)
         train = torch.from_numpy(_train_mask(labels, manifest, seed))
-        return PlantData(x[train], y[train], x[~train], y[~train], fingerprint=fp)
+        return PlantData(x[train], y[train], x[~train], y[~train], fingerprint=fp, export_inputs=export_inputs)
 
     def prepare_plants(self, n_plants: int, root: Path, seed: int, limit: int | None = None) -> list[Path]:
         return write_image_plants(root, n_plants, seed, limit)
 
     def train(self, model: nn.Module, data: PlantData, settings: TrainSettings, spec: TaskSpec) -> dict[str, float]:
-        return train_classifier(model, data, settings, spec.num_classes, augment=flip_augment)
+        augment = flip_augment if get_backbone(spec.model) is None else None  # features are computed once, unflipped
+        return train_classifier(model, data, settings, spec.num_classes, augment=augment)
 
     def evaluate(self, model: nn.Module, data: PlantData, spec: TaskSpec) -> dict[str, float]:
         return evaluate_classifier(model, data, spec.num_classes)

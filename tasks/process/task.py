@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -25,8 +24,9 @@ from pydantic import Field
 from torch import nn
 
 from maxfl.atomic import atomic_path, atomic_write_text
+from maxfl.cache import cache_root
 from maxfl.errors import DataError
-from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
+from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainingDefaults, TrainSettings, check_schemas, resolve_model
 from tasks.classification import classification_metrics, predict_logits, train_classifier
 from tasks.process.model import ProcessCNN, ProcessMLP
 from tasks.process.serving import ProcessServing
@@ -44,8 +44,7 @@ PLANT_MODES = ("mode1", "mode3", "mode4")  # settle without tripping; 2 and 5 ne
 
 def cache_dir() -> Path:
     """Where simulated recordings are kept across runs and tests, keyed by their generation parameters."""
-    root = os.environ.get("MAXFL_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "maxfl")
-    return Path(root) / "tep"
+    return cache_root() / "tep"
 
 
 def fault_mix(plant: int, n_plants: int) -> tuple[int, ...]:
@@ -113,6 +112,12 @@ class ProcessTask:
         if spec.model == "mlp":
             return ProcessMLP(spec.variables, spec.window, spec.num_classes)
         return ProcessCNN(spec.variables, spec.num_classes)
+
+    def deployable(self, spec: TaskSpec, model: nn.Module) -> nn.Module:
+        return model  # served as trained: the edge's adapter builds the same inputs
+
+    def training_defaults(self, spec: TaskSpec) -> TrainingDefaults:
+        return TrainingDefaults()
 
     def input_example(self, spec: TaskSpec) -> np.ndarray:
         assert isinstance(spec, ProcessSpec)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from maxfl.errors import DataError
-from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainSettings, check_schemas, resolve_model
+from tasks.base import DataProfile, PlantData, Serving, TaskOptions, TaskSpec, TrainingDefaults, TrainSettings, check_schemas, resolve_model
 from tasks.classification import evaluate_classifier, train_classifier
 from tasks.manifest import MANIFEST_FILE, Manifest, fingerprint, load_manifest
 from tasks.table.demo import write_quality_plants
@@ -55,6 +55,12 @@ class TableTask:
     def build_model(self, spec: TaskSpec) -> nn.Module:
         assert isinstance(spec, TableSpec)
         return build_table_model(spec.model, len(spec.features), spec.num_classes)
+
+    def deployable(self, spec: TaskSpec, model: nn.Module) -> nn.Module:
+        return model  # served as trained: the edge's adapter builds the same inputs
+
+    def training_defaults(self, spec: TaskSpec) -> TrainingDefaults:
+        return TrainingDefaults()
 
     def input_example(self, spec: TaskSpec) -> np.ndarray:
         assert isinstance(spec, TableSpec)

@@ -44,6 +44,7 @@ def regression_metrics(pred: torch.Tensor, y: torch.Tensor, scaling: Scaling) ->
         "eval_rmse": float(err.pow(2).mean().sqrt()),
         "eval_mae": float(err.abs().mean()),
         "eval_r2": 1.0 - float(err.pow(2).sum()) / total if total > 0 else float("nan"),
+        "eval_trivial_r2": 0.0,  # predicting the test split's own mean, the best constant answer, scores R^2 0 by definition
     }
 
 

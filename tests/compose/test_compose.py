@@ -304,7 +304,7 @@ def parse_mlflow_server(args: list[str]) -> dict[str, Any]:
 
 # ================================================================ the stacks' shape
 def test_the_anchor_stack_has_its_services() -> None:
-    assert {"postgres", "mlflow", "superlink", "serverapp"} <= set(services("anchor"))
+    assert {"postgres", "mlflow", "proxy", "superlink", "serverapp"} <= set(services("anchor"))
     assert services("anchor")["admin"]["profiles"] == ["tools"], "the CLI service runs on demand only"
 
 
@@ -422,7 +422,33 @@ def test_the_superlink_runs_what_maxfl_federation_superlink_runs_plus_process_is
         assert m["source"] == f"./federation/{Path(path).name}"
     state = mount_at(svc, str(database))
     assert state and state["type"] == "volume" and not state["read_only"], "the SuperLink's state DB must persist on a volume"
-    assert published(svc) == {port: f"{env_example('anchor')['SUPERLINK_BIND']}:{env_example('anchor')['SUPERLINK_PORT']}"}
+    assert "ports" not in svc, "the SuperLink is not published: plants reach the proxy (its Control API must stay inside)"
+    assert svc["networks"] == ["link"] and resolved("anchor")["networks"]["link"]["internal"] is True
+
+
+def test_the_proxy_is_the_only_published_way_to_the_superlink_and_forwards_to_it_over_tls() -> None:
+    proxy, link = services("anchor")["proxy"], services("anchor")["superlink"]
+    args = argv(proxy)
+    assert args[:3] == ["maxfl", "federation", "proxy"]
+    params = parse_maxfl(args[1:])
+    host, port = params["upstream"].rsplit(":", 1)
+    assert host == "superlink" and int(port) == int(flag(argv(link), "--port")), "the proxy forwards to the superlink service's port"
+    assert params["host"] == "0.0.0.0" and params["admin_port"] is None
+    env = env_example("anchor")
+    assert published(proxy) == {params["port"]: f"{env['SUPERLINK_BIND']}:{env['SUPERLINK_PORT']}"}
+    assert set(proxy["networks"]) == {"link", "default"} and proxy["depends_on"]["superlink"]["condition"] == "service_healthy"
+    for name in ("federation.json", "ca.crt", "superlink.crt", "superlink.key"):
+        m = mount_at(proxy, f"{params['folder']}/{name}")
+        assert m and m["type"] == "bind" and m["read_only"] and m["source"] == f"./federation/{name}", name
+    state = mount_at(proxy, str(params["state_dir"]))
+    assert state and state["type"] == "volume" and not state["read_only"], "Caddy writes its config and state there"
+    probe = parse_healthcheck(healthcheck_argv(proxy))
+    url = urlsplit(probe.url)
+    assert (url.scheme, url.hostname, url.port, url.path) == ("https", "127.0.0.1", params["port"], "/health")
+    assert probe.cafile == f"{params['folder']}/ca.crt"
+    # The containers that need the SuperLink itself are on its network; the admin CLI reaches nothing else.
+    assert "link" in services("anchor")["serverapp"]["networks"]
+    assert services("anchor")["admin"]["networks"] == ["link"] and "network_mode" not in services("anchor")["admin"]
 
 
 def _secret_file(svc: dict[str, Any], args: list[str]) -> str:
@@ -515,7 +541,8 @@ def test_the_admin_service_runs_the_real_maxfl_federation_commands() -> None:
     assert incoming and incoming["read_only"]
     # The commands compose/README.md tells the anchor to run through it.
     for args in (
-        ["federation", "init", "--dir", "/federation", "--name", "acme-suppliers", "--superlink-address", "fl.acme.example:9092", "--san", "superlink"],
+        ["federation", "init", "--dir", "/federation", "--name", "acme-suppliers", "--superlink-address", "fl.acme.example:9092", "--san", "superlink",
+         "--control-address", "superlink:9092"],
         ["federation", "add-plant", "plant-7", "--public-key", "/incoming/plant-7.pub", "--dir", "/federation"],
         ["federation", "revoke", "plant-7", "--dir", "/federation"],
         ["federation", "plants", "--dir", "/federation"],
@@ -666,6 +693,8 @@ def test_the_readme_creates_the_certificate_name_the_serverapp_dials() -> None:
     host = flag(argv(services("anchor")["serverapp"]), "--runtime-api-address").rsplit(":", 1)[0]
     inits = [args for _, args in readme_maxfl_commands() if args[:2] == ["federation", "init"]]
     assert inits and all(host in parse_maxfl(a)["san"] for a in inits), f"`federation init` in the README must add --san {host}"
+    # and the admin service (on the internal network) reaches the SuperLink there, not through the proxy
+    assert all(parse_maxfl(a)["control_address"] == f"{host}:9092" for a in inits), "`federation init` needs --control-address superlink:9092"
     assert f"--san {host}" in raw_text("anchor"), "and so must the how-to at the top of anchor/compose.yaml"
 
 

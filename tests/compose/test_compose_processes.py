@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import ssl
 import subprocess
 import sys
 import zipfile
@@ -71,7 +72,7 @@ def _app_snapshot(dest: Path) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from fl_client.join import keygen
+    from fl_client.join import keygen, load_kit
     from fl_server.provision import add_plant, init_federation, load_federation
     from maxfl.local.processes import ProcessGroup, descendants, free_port
     from tasks import get_task
@@ -79,11 +80,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("compose")
     app, app_hash = _app_snapshot(root / "app")
     anchor = services("anchor")
-    sl_port, mlflow_port, health_port, runtime_port, edge_port = (free_port() for _ in range(5))
+    sl_port, mlflow_port, health_port, runtime_port, edge_port, proxy_port = (free_port() for _ in range(6))
     procs = ProcessGroup(root / "logs")
     try:
         # ---- anchor: the admin's init as the README gives it (with --san superlink), the secret from .env
-        fed = init_federation(root / "federation", "compose", f"127.0.0.1:{sl_port}", ["superlink"])
+        # (the README's --control-address superlink:9092, mapped: the SuperLink's own port; plants get the proxy's)
+        fed = init_federation(root / "federation", "compose", f"127.0.0.1:{proxy_port}", ["superlink"], control_address=f"127.0.0.1:{sl_port}")
         secret = root / "superexec.secret"
         secret.write_text(os.urandom(32).hex())
         table = {
@@ -105,6 +107,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         link[link.index("--port") + 1], link[link.index("--host") + 1] = str(sl_port), "127.0.0.1"
         proc = procs.start("superlink", [str(BIN / link[0]), *link[1:]], _env())
         procs.wait_until("the SuperLink's healthcheck", _healthy(_mapped(healthcheck_argv(anchor["superlink"]), table)), 120, proc)
+
+        front = _mapped(argv(anchor["proxy"]), table)
+        front[front.index("--dir") + 1], front[front.index("--host") + 1] = str(fed.dir), "127.0.0.1"
+        front[front.index("--port") + 1], front[front.index("--state-dir") + 1] = str(proxy_port), str(root / "proxy-state")
+        proc = procs.start("proxy", [str(BIN / "maxfl"), *front[1:]], _env())
+        probe = _mapped(healthcheck_argv(anchor["proxy"]), {"/federation/": f"{fed.dir}/", "127.0.0.1:9092": f"127.0.0.1:{proxy_port}"})
+        procs.wait_until("the proxy's healthcheck", _healthy(probe), 120, proc)
 
         executor = _mapped(argv(anchor["serverapp"]), table)
         env = {k: _mapped([v], table)[0] for k, v in anchor["serverapp"]["environment"].items()}
@@ -131,7 +140,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         edge[edge.index("--port") + 1], edge[edge.index("--host") + 1] = str(edge_port), "127.0.0.1"
         proc = procs.start("edge", [str(BIN / "maxfl"), *edge[1:]], _env(MAXFL_HOME=str(state), OMP_NUM_THREADS="1"))
         procs.wait_until("the edge server's healthcheck", _healthy(_mapped(healthcheck_argv(plant["edge"]), ptable)), 120, proc)
-        yield {"root": root, "app": app, "fed": fed, "sl_port": sl_port, "edge": f"http://127.0.0.1:{edge_port}", "state": state, "procs": procs}
+        assert load_kit(kit).info.superlink_address == f"127.0.0.1:{proxy_port}", "the plant joins through the proxy"
+        yield {"root": root, "app": app, "fed": fed, "sl_port": sl_port, "proxy_port": proxy_port, "edge": f"http://127.0.0.1:{edge_port}",
+               "state": state, "procs": procs}
     finally:
         killed = procs.stop_all()
         assert not killed, f"had to kill {killed}"
@@ -156,6 +167,9 @@ def test_a_superexec_without_the_secret_gets_no_run(stack: dict[str, Any]) -> No
     finally:
         client.close()
     assert refused.value.response.status_code == 401 and "Authentication failed" in refused.value.response.text
+    # and the plants' port (the proxy) does not serve the Runtime API at all
+    tls = ssl.create_default_context(cafile=str(stack["fed"].ca_cert))
+    assert httpx.post(f"https://127.0.0.1:{stack['proxy_port']}/v1/runtime/acquire-task", verify=tls).status_code == 403
 
 
 def test_a_run_submitted_as_the_readme_says_trains_releases_and_reaches_the_edge(stack: dict[str, Any]) -> None:
@@ -169,7 +183,10 @@ def test_a_run_submitted_as_the_readme_says_trains_releases_and_reaches_the_edge
     listing = subprocess.run([str(BIN / "flwr"), "ls", fed.info.name, "--format", "json"], capture_output=True, text=True, env=env, timeout=60, check=False)
     (status,) = [r["status"] for r in json.loads(listing.stdout)["runs"]]
     assert status == "finished:completed", run.stdout[-3000:]
-    stack["procs"].wait_until("the edge server to serve the pushed model", lambda: _edge_health(stack["edge"]).get("status") == "serving", 30)
+    try:
+        stack["procs"].wait_until("the edge server to serve the pushed model", lambda: _edge_health(stack["edge"]).get("status") == "serving", 30)
+    except Exception as exc:  # noqa: BLE001 - say what the run said
+        pytest.fail(f"{exc}; the run said: {run.stdout[-3000:]}")
     health = _edge_health(stack["edge"])
     assert health["model"]["version"] == 1 and health["plant"] == "plant-1"
     state = stack["state"]

@@ -50,6 +50,51 @@ def linear_onnx(feature_shape: Sequence[int], bias: Sequence[float], input_name:
     return model.SerializeToString()
 
 
+def slow_onnx() -> bytes:
+    """A fake-window model (logits [0, 0]) that first loops sum(input) times: zeros answer at once, a window
+    summing to 1e12 would run for days unless onnxruntime's run is terminated."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    scalar = lambda name, kind: helper.make_tensor_value_info(name, kind, [])  # noqa: E731
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "one"], ["acc_out"])],
+        "body", [scalar("i", TensorProto.INT64), scalar("cond_in", TensorProto.BOOL), scalar("acc_in", TensorProto.FLOAT)],
+        [scalar("cond_out", TensorProto.BOOL), scalar("acc_out", TensorProto.FLOAT)],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
+    features = int(np.prod(WINDOW_SHAPE))
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["input"], ["total"], keepdims=0),
+         helper.make_node("Cast", ["total"], ["trips"], to=TensorProto.INT64),
+         helper.make_node("Loop", ["trips", "true", "zero"], ["acc"], body=body),
+         helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+         helper.make_node("Mul", ["acc", "zero"], ["nothing"]),
+         helper.make_node("Add", ["mm", "nothing"], ["logits"])],
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *WINDOW_SHAPE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[helper.make_tensor("true", TensorProto.BOOL, [], [True]), helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                     helper.make_tensor("w", TensorProto.FLOAT, [features, 2], [0.0] * features * 2)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def png_header(width: int, height: int, colour_type: int = 6) -> bytes:
+    """A PNG whose header asks for width x height pixels (RGBA by default) over a few KB of zeros: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1 << 20), 9)) + chunk(b"IEND", b"")
+
+
 # ---- fake tasks, one per serving kind -------------------------------------------------------------------------
 
 IMAGE_SHAPE = (1, 8, 8)
@@ -122,6 +167,21 @@ class RowServing:
     answers = staticmethod(_answers)
 
 
+class GateServing:
+    """Each instance names a file; the batch waits until every one exists: the test decides when the model is done."""
+
+    kind = "window"
+
+    def batch(self, instances: Sequence[Any]) -> np.ndarray:
+        deadline = time.monotonic() + 300  # never a thread stuck for good, whatever the test does
+        for gate in instances:
+            while not Path(str(gate)).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return np.zeros((len(instances), *WINDOW_SHAPE), dtype=np.float32)
+
+    answers = staticmethod(_answers)
+
+
 class FakeTask:
     models = ("linear",)
 
@@ -139,6 +199,7 @@ FAKE_TASKS = {
     "fake-image": FakeTask("fake-image", ImageServing, IMAGE_SHAPE),
     "fake-window": FakeTask("fake-window", WindowServing, WINDOW_SHAPE),
     "fake-row": FakeTask("fake-row", RowServing, (len(ROW_FIELDS),)),
+    "fake-gate": FakeTask("fake-gate", GateServing, WINDOW_SHAPE),
 }
 
 
@@ -157,7 +218,7 @@ def unregister_fakes() -> None:
         tasks._REGISTRY.pop(name, None)  # noqa: SLF001
 
 
-FAKE_IMAGE, FAKE_WINDOW, FAKE_ROW = FAKE_TASKS["fake-image"], FAKE_TASKS["fake-window"], FAKE_TASKS["fake-row"]
+FAKE_IMAGE, FAKE_WINDOW, FAKE_ROW, FAKE_GATE = (FAKE_TASKS[f"fake-{kind}"] for kind in ("image", "window", "row", "gate"))
 
 
 def release(task: str, version: int, onnx: bytes | None = None, model_name: str | None = None, **changes: Any) -> tuple[ReleaseManifest, bytes]:
@@ -201,20 +262,22 @@ def plant(tmp: Path, plant_id: str = "plant-1") -> Any:
 
 
 @contextmanager
-def in_process_server(plant_config: Any, model_name: str | None, max_batch: int = 64, max_body_bytes: int = 8 << 20) -> Iterator[Any]:
-    """A real uvicorn server on a free port in a thread of this process; yields (base URL, watcher)."""
+def in_process_server(plant_config: Any, model_name: str | None, max_batch: int = 64, max_body_bytes: int = 8 << 20, **limits: Any) -> Iterator[Any]:
+    """A real uvicorn server on a free port in a thread of this process, with serve's connection limits; yields (base URL, watcher)."""
     import uvicorn
 
-    from edge.server import Limits, ModelWatcher, create_app
+    from edge.server import Limits, ModelWatcher, create_app, uvicorn_limits
     from edge.store import EdgeStore
     from maxfl.local.processes import free_port
 
-    watcher = ModelWatcher(EdgeStore(plant_config.edge_store_path()), plant_config, model_name, poll_s=0.05)
+    config = Limits(max_batch=max_batch, max_body_bytes=max_body_bytes, **limits)
+    watcher = ModelWatcher(EdgeStore(plant_config.edge_store_path()), plant_config, model_name, poll_s=0.05, image_limits=config.image)
     watcher.check(force=True)
     watcher.start()
     port = free_port()
-    app = create_app(watcher, plant_config.plant_id, Limits(max_batch=max_batch, max_body_bytes=max_body_bytes))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning", access_log=False, lifespan="off", ws="none"))
+    app = create_app(watcher, plant_config.plant_id, config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning", access_log=False,
+                                           lifespan="off", ws="none", **uvicorn_limits(config)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -237,9 +300,9 @@ spec = importlib.util.spec_from_file_location({module!r}, {path!r})
 fakes = importlib.util.module_from_spec(spec); sys.modules[{module!r}] = fakes; spec.loader.exec_module(fakes)
 fakes.register_fakes()
 from fl_client.config import PlantConfig
-from edge.server import serve
+from edge.server import Limits, serve
 args = json.loads(sys.argv[1])
-serve(PlantConfig.model_validate(args.pop("plant")), args.pop("model"), **args)
+serve(PlantConfig.model_validate(args.pop("plant")), args.pop("model"), limits=Limits(**args.pop("limits", {{}})), **args)
 """
 
 
@@ -247,7 +310,8 @@ serve(PlantConfig.model_validate(args.pop("plant")), args.pop("model"), **args)
 def process_server(plant_config: Any, model_name: str | None, log_dir: Path, argv: list[str] | None = None, **options: Any) -> Iterator[tuple[str, Any]]:
     """A real edge server process on a free port, stopped by PID; yields (base URL, its Managed process).
 
-    `argv` None: edge.server.serve with the fake tasks known (`options` are serve's keyword arguments);
+    `argv` None: edge.server.serve with the fake tasks known (`options` are serve's keyword arguments, `limits`
+    a dict of Limits fields);
     otherwise the command to run (e.g. `python -m edge.cli serve ...`), with `{port}` filled in.
     """
     import httpx

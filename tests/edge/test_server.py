@@ -72,7 +72,7 @@ def test_health_reports_the_plant_and_the_serving_version(window_server):
     body = r.json()
     assert body["status"] == "serving" and body["plant"] == "plant-1"
     manifest = release("fake-window", 1)[0]
-    assert body["model"] == {"name": "maxfl-fake-window", "version": 1, "sha256": manifest.sha256, "task": "fake-window"}
+    assert body["model"] == {"name": "maxfl-fake-window", "version": 1, "sha256": manifest.sha256, "task": "fake-window", "variant": "global"}
 
 
 def test_a_batch_of_windows_is_answered_by_the_version_in_the_header(window_server):
@@ -249,16 +249,18 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(tmp_path):
     watcher = ModelWatcher(store, cfg, None)
     watcher.check()
     assert watcher.runtime is not None and watcher.runtime.manifest.version == 1
-    store.install(*release("fake-window", 2, task_spec='{"task": "fake-window"}'))  # installs; the spec cannot be read
+    v2 = store.install(*release("fake-window", 2))
+    store.current("maxfl-fake-window").path.write_bytes(b"damaged on disk")  # before the watcher looks
+    assert v2.version == 2
     watcher.check()
     assert watcher.runtime.manifest.version == 1
-    assert watcher.load_error is not None and watcher.load_error.startswith("maxfl-fake-window v2 failed to load")
+    assert watcher.problem is not None and watcher.problem.startswith("maxfl-fake-window v2 failed to load")
     store.install(*release("fake-window", 3))
     watcher.check()
-    assert watcher.runtime.manifest.version == 3 and watcher.load_error is None
+    assert watcher.runtime.manifest.version == 3 and watcher.problem is None
     store.pointer("maxfl-fake-window").write_text("{broken")
     watcher.check()
-    assert watcher.runtime.manifest.version == 3 and "current.json is corrupt" in watcher.load_error
+    assert watcher.runtime.manifest.version == 3 and "current.json is corrupt" in watcher.problem
 
 
 def _collapse(versions: list[int]) -> list[int]:
@@ -364,8 +366,9 @@ def test_cli_serve_starts_with_an_empty_store_and_serves_the_first_real_release(
     argv = [sys.executable, "-m", "edge.cli", "serve", "--node-config", cfg.as_node_config(), "--port", "{port}"]
     with process_server(cfg, None, tmp_path / "logs", argv=argv) as (url, proc), httpx.Client(base_url=url, timeout=10) as client:
         health = client.get("/health")
-        assert health.status_code == 503 and health.json() == {"status": "no-model", "plant": "plant-2", "model": None,
-                                                               "watching": None, "load_error": None}
+        body = health.json()
+        assert health.status_code == 503 and body.pop("requests")["in_model"] == 0
+        assert body == {"status": "no-model", "plant": "plant-2", "model": None, "serving": None, "watching": None, "problem": None}
         from tasks import get_task
 
         spec = get_task("defect").spec_type(task="defect", model="cnn", num_classes=2)
@@ -376,3 +379,36 @@ def test_cli_serve_starts_with_an_empty_store_and_serves_the_first_real_release(
         assert r.headers["X-Model-Version"] == "maxfl-defect/4" and len(r.json()["predictions"]) == 1
         _error(client.post("/v1/predict", content=b"not an image", headers={"Content-Type": "image/png"}), 400, "")
         assert "now serving maxfl-defect v4" in proc.log_path.read_text()
+
+
+def test_serve_flags_default_to_the_servers_limits():
+    """`maxfl edge serve` keeps its defaults literal (importing the server costs torch); they must be Limits'."""
+    import dataclasses
+
+    import typer
+
+    from edge.cli import app
+    from edge.server import MB, Limits
+
+    command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    defaults = {p.name: p.default for p in command.params}
+    for field in dataclasses.fields(Limits):
+        if field.name == "max_body_bytes":
+            assert defaults["max_body_mb"] * MB == field.default
+        elif field.name != "max_head_bytes":
+            assert defaults[field.name] == field.default, field.name
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    pytest.param({"max_in_model": 0}, "--max-in-model must be at least 1, got 0", id="no-model-thread"),
+    pytest.param({"max_waiting": -1}, "--max-waiting must be 0 or more, got -1", id="negative-queue"),
+    pytest.param({"request_timeout_s": float("nan")}, "--request-timeout-s must be a number of seconds above 0, got nan", id="nan-timeout"),
+    pytest.param({"max_image_side": 0}, "--max-image-side must be at least 1, got 0", id="no-image-side"),
+])
+def test_limits_that_cannot_work_are_one_line_config_errors(changes, message):
+    from edge.server import Limits
+    from maxfl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{message}$".replace("(", r"\(")):
+        Limits(**changes).check()
+    Limits().check()

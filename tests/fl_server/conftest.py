@@ -34,6 +34,16 @@ class RecordingTracker:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_identities():
+    """Each test's replies are attributed afresh: plant ids pinned to nodes in one test do not carry over."""
+    from fl_server.identity import PlantIdentities, use_identities
+
+    previous = use_identities(PlantIdentities())
+    yield
+    use_identities(previous)
+
+
+@pytest.fixture(autouse=True)
 def _task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 

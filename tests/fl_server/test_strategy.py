@@ -98,3 +98,11 @@ def test_a_plant_whose_update_was_rejected_does_not_count_as_a_contributor(track
     strategy.reject("plant-2")  # what update validation reports
     strategy.aggregate_train(1, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 4.0, 30, 0.9)])
     assert tracker.plants == {"plant-1"}
+
+
+def test_a_failure_reason_never_shows_a_heap_address(failure):
+    from fl_server.strategy import failure_reason
+
+    leaky = failure(12, "<class 'ValueError'>:<'cannot batch <torch.utils.data.DataLoader object at 0x7f3a2c1d9e50>'>")
+    assert failure_reason(leaky) == "node-12: ValueError: cannot batch <torch.utils.data.DataLoader>"
+    assert "0x" not in failure_reason(failure(13, "plant-3 declined: <function load at 0x7F00AB> failed"))

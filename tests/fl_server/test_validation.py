@@ -95,12 +95,71 @@ def test_an_update_far_above_the_rounds_median_is_rejected(reply):
     assert strategy.update_norms == pytest.approx({"plant-1": 3**0.5, "plant-2": 1.1 * 3**0.5, "plant-3": 1.2 * 3**0.5, "plant-9": 100 * 3**0.5})
 
 
-def test_the_relative_bound_needs_three_updates_and_can_be_turned_off(reply):
-    pair = [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 100.0, 10, 0.5)]
-    arrays, _ = _validated().aggregate_train(1, pair)  # with two, the median is their mean: no bar to hold
-    assert np.allclose(arrays.to_numpy_ndarrays()[0], 50.5)
+def test_the_relative_bound_can_be_turned_off(reply):
     arrays, _ = _validated(norm_factor=0).aggregate_train(1, [*_honest(reply), reply(19, "plant-9", 100.0, 10, 0.5)])
     assert np.allclose(arrays.to_numpy_ndarrays()[0], (1.0 + 1.1 + 1.2 + 100.0) / 4)
+
+
+def test_with_two_plants_a_scaled_update_is_rejected_in_the_first_round(reply):
+    rejections = Rejections()
+    pair = [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 100.0, 10, 0.5)]
+    with pytest.raises(RunAborted, match="1 plant.s. sent a valid update, 2 needed"):
+        _validated(rejections=rejections).aggregate_train(1, pair)
+    assert rejections == [(1, "plant-2", "update norm 173.2 exceeds 10 x the round's smaller update norm 1.732")]
+
+
+def test_with_two_plants_later_rounds_are_bounded_by_the_earlier_rounds_medians(reply):
+    rejections = Rejections()
+    strategy = _validated(min_plants=1, rejections=rejections)
+    strategy.aggregate_train(1, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 1.2, 10, 0.5)])
+    assert strategy.norm_history == pytest.approx([3**0.5])
+    list(strategy.configure_train(2, ArrayRecord([GLOBAL.copy()]), ConfigRecord(), FakeGrid()))
+    arrays, _ = strategy.aggregate_train(2, [reply(11, "plant-1", 1.1, 10, 0.5), reply(12, "plant-2", 50.0, 10, 0.5)])
+    assert np.allclose(arrays.to_numpy_ndarrays()[0], 1.1)
+    assert [(r, p) for r, p, _ in rejections] == [(2, "plant-2")]
+    assert "exceeds 10 x the median of this round's norms and the last 1 round(s)' medians" in rejections[0][2]
+
+
+def test_a_plant_just_under_the_bound_round_after_round_is_rejected(reply):
+    rejections = Rejections()
+    strategy = _validated(min_plants=1, rejections=rejections)  # defaults: 5 x the median in 3 consecutive rounds
+    for server_round in (1, 2, 3):
+        list(strategy.configure_train(server_round, ArrayRecord([GLOBAL.copy()]), ConfigRecord(), FakeGrid()))
+        arrays, _ = strategy.aggregate_train(server_round, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 9.0, 10, 0.5)])
+    assert [(r, p) for r, p, _ in rejections] == [(3, "plant-2")]  # 9 x the median: under 10 x, but three rounds running
+    assert "above 5 x in 3 consecutive rounds" in rejections[0][2]
+    assert np.allclose(arrays.to_numpy_ndarrays()[0], 1.0)
+
+
+def test_an_honest_plant_that_dips_below_the_persistent_bound_starts_its_count_again(reply):
+    rejections = Rejections()
+    strategy = _validated(min_plants=1, rejections=rejections)
+    for server_round, big in enumerate((6.0, 6.0, 2.0, 6.0, 6.0), start=1):
+        list(strategy.configure_train(server_round, ArrayRecord([GLOBAL.copy()]), ConfigRecord(), FakeGrid()))
+        strategy.aggregate_train(server_round, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", big, 10, 0.5)])
+    assert rejections == []
+
+
+def test_an_inflated_example_count_is_capped_at_the_agreed_training_records(reply):
+    capped: list[tuple[int, str, float, int]] = []
+    strategy = ValidatedStrategy(FedAvg(min_available_nodes=1, min_train_nodes=1), UpdateRules(), 2,
+                                 agreed_examples={"plant-1": 10, "plant-2": 30}, on_cap=lambda *a: capped.append(a))
+    list(strategy.configure_train(1, ArrayRecord([GLOBAL.copy()]), ConfigRecord(), FakeGrid()))
+    liar = reply(12, "plant-2", 3.0, 10, 0.5)
+    liar.content["metrics"]["num-examples"] = 1e308  # would overflow FedAvg's weighted sum (1e308 x 3.0 = inf)
+    arrays, _ = strategy.aggregate_train(1, [reply(11, "plant-1", 1.0, 10, 0.5), liar])
+    assert np.allclose(arrays.to_numpy_ndarrays()[0], (1.0 * 10 + 3.0 * 30) / 40)
+    assert capped == [(1, "plant-2", 1e308, 30)]
+    assert liar.content["metrics"]["num-examples"] == 30
+
+
+def test_a_plant_outside_the_data_agreement_is_rejected(reply):
+    rejections = Rejections()
+    strategy = ValidatedStrategy(FedAvg(min_available_nodes=1, min_train_nodes=1), UpdateRules(), 1, on_reject=rejections,
+                                 agreed_examples={"plant-1": 10})
+    list(strategy.configure_train(1, ArrayRecord([GLOBAL.copy()]), ConfigRecord(), FakeGrid()))
+    strategy.aggregate_train(1, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 1.1, 10, 0.5)])
+    assert rejections == [(1, "plant-2", "this plant took no part in the run's data agreement")]
 
 
 def test_too_few_valid_updates_stop_the_run_naming_every_rejected_plant(reply):
@@ -163,7 +222,7 @@ def test_rejections_are_logged_by_default(reply, caplog):
 def test_rules_come_from_the_run_config():
     cfg = RunConfig.from_flower({"max-update-norm": 50.0, "update-norm-factor": 5.0})
     assert UpdateRules.from_config(cfg) == UpdateRules(max_update_norm=50.0, norm_factor=5.0)
-    assert UpdateRules.from_config(RunConfig()) == UpdateRules(max_update_norm=0.0, norm_factor=10.0)
+    assert UpdateRules.from_config(RunConfig()) == UpdateRules(max_update_norm=0.0, norm_factor=10.0, persistent_factor=5.0, persistent_rounds=3)
 
 
 def test_check_update_reports_the_norm_of_a_good_update(reply):

@@ -127,8 +127,23 @@ def test_ledger_edited_by_hand_is_one_line_saying_how_to_fix_it(tmp_path):
     path = tmp_path / "plant-1.json"
     _ledger_with_two_rounds(path)
     path.write_text(path.read_text().replace('"steps": ', '"steps": 1', 1))
-    _assert_one_line_error(_maxfl("ledger", "--ledger", str(path)), "changed outside maxfl", "restore the last good copy")
+    _assert_one_line_error(_maxfl("ledger", "--ledger", str(path)), "changed outside maxfl", "--repair-from-journal")
 
 
 def test_ledger_without_a_plant_is_one_line():
     _assert_one_line_error(_maxfl("ledger"), "--node-config")
+
+
+def test_a_deleted_ledger_is_refused_and_repaired_from_its_journal(tmp_path):
+    path = tmp_path / "plant-1.json"
+    _ledger_with_two_rounds(path)
+    node_config = f'plant-id="plant-1" data-dir="{tmp_path}" max-epsilon=8 ledger="{path}"'
+    before = json.loads(_maxfl("ledger", "--node-config", node_config, "--json").stdout)["data-sets"][0]["epsilon"]
+    path.unlink()
+    _assert_one_line_error(_maxfl("ledger", "--node-config", node_config), "does not exist", "--repair-from-journal")
+    _assert_one_line_error(_maxfl("ledger", "--ledger", str(path), "--repair-from-journal"), "--node-config")
+    out = _maxfl("ledger", "--node-config", node_config, "--repair-from-journal")
+    assert out.returncode == 0, out.stderr
+    assert "repaired" in out.stdout and "2 round(s)" in out.stdout
+    after = json.loads(_maxfl("ledger", "--node-config", node_config, "--json").stdout)["data-sets"][0]["epsilon"]
+    assert after == pytest.approx(before)

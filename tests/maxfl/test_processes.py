@@ -53,3 +53,12 @@ def test_free_port_is_free_and_a_bound_port_is_not():
         s.bind(("127.0.0.1", port))
         s.listen()
         assert not port_is_free(port)
+
+
+def test_files_a_started_process_writes_are_its_owners_only(tmp_path):
+    procs = ProcessGroup(tmp_path)
+    target = tmp_path / "state.db"
+    writer = procs.start("writer", [sys.executable, "-c", f"open({str(target)!r}, 'w').write('weights')"], env={})
+    writer.popen.wait(timeout=30)
+    assert writer.popen.returncode == 0
+    assert target.stat().st_mode & 0o077 == 0  # not readable by the group or others, whatever the launcher's umask

@@ -95,3 +95,16 @@ def test_under_dp_training_loss_and_accuracy_stay_at_the_plant(plant):
 def test_a_plan_without_noise_is_rejected():
     with pytest.raises(ConfigError, match="target-epsilon"):
         PrivacyPlan.parse({"target-epsilon": 0, "noise-multiplier": 0})
+
+
+@pytest.mark.parametrize("plan", [PrivacyPlan(target_epsilon=0.0, noise_multiplier=math.inf), PrivacyPlan(target_epsilon=0.0, noise_multiplier=1e300),
+                                  PrivacyPlan(target_epsilon=math.inf), PrivacyPlan(target_epsilon=1e-12)])
+def test_a_degenerate_plan_is_refused_in_one_line_and_records_nothing(plant, plan):
+    with pytest.raises(ConfigError, match="target-epsilon cannot be planned|mechanism this plant cannot account for"):
+        _round(plant, plan)
+    assert not plant.ledger.path.exists()
+
+
+def test_the_grant_names_its_data_set_and_its_lifetime_rounds_for_the_anchor(plant):
+    grants = [_round(plant, server_round=r) for r in (1, 2)]
+    assert [g.metrics["dp_rounds"] for g in grants] == [1.0, 2.0] and grants[0].fingerprint == FP

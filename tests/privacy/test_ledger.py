@@ -7,7 +7,7 @@ import pytest
 
 from maxfl.errors import ConfigError
 from privacy.accountant import Mechanism, epsilon
-from privacy.ledger import DataSetRecord, Ledger, LedgerCorrupt, new_entry
+from privacy.ledger import _LEDGER, DataSetRecord, Ledger, LedgerCorrupt, _canonical, new_entry
 
 M = Mechanism(noise_multiplier=1.0, sample_rate=0.1, steps=20)
 
@@ -36,25 +36,27 @@ def _edit(path, change) -> None:
     path.write_text(json.dumps(payload))
 
 
+def _remac(ledger: Ledger) -> None:
+    """What only the key's holder can do: MAC the file's content as it now is."""
+    payload = json.loads(ledger.path.read_text())
+    payload.pop("hmac")
+    key_id = payload.pop("key_id")
+    payload["hmac"], payload["key_id"] = ledger.key.mac(_LEDGER, payload["plant_id"], _canonical(payload)), key_id
+    ledger.path.write_text(json.dumps(payload))
+
+
 def test_a_hand_edited_epsilon_is_refused(ledger):
     _append(ledger)
     _edit(ledger.path, lambda p: next(iter(p["data_sets"].values()))["entries"][0].update(epsilon=0.01))
-    with pytest.raises(LedgerCorrupt, match="changed outside maxfl.*restore the last good copy"):
+    with pytest.raises(LedgerCorrupt, match="changed outside maxfl.*its MAC.*--repair-from-journal"):
         ledger.read()
 
 
-def test_an_edit_with_a_recomputed_digest_is_still_refused_when_the_numbers_do_not_add_up(ledger):
-    from privacy.ledger import _digest
-
+def test_an_edit_by_someone_holding_the_key_is_still_refused_when_the_numbers_do_not_add_up(ledger):
     _append(ledger)
     _append(ledger, server_round=2)
-
-    def shrink(p):
-        next(iter(p["data_sets"].values()))["entries"][1]["epsilon"] = 0.5
-        p.pop("digest")
-        p["digest"] = _digest(p)
-
-    _edit(ledger.path, shrink)
+    _edit(ledger.path, lambda p: next(iter(p["data_sets"].values()))["entries"][1].update(epsilon=0.5))
+    _remac(ledger)
     with pytest.raises(LedgerCorrupt, match="records epsilon 0.5 .* entry 2 where its mechanisms give"):
         ledger.read()
 

@@ -84,7 +84,7 @@ def test_plants_profile_their_data_and_the_anchor_merges_a_spec(plant_dirs):
     task = get_task("defect")
     profiles = {f"plant-{k}": task.profile(d, 42) for k, d in enumerate(plant_dirs[:2], start=1)}
     assert all(p.examples > 0 and sum(p.class_counts.values()) == p.examples for p in profiles.values())
-    spec = task.make_spec(profiles, TaskOptions())
+    spec = task.make_spec(profiles, TaskOptions(model="cnn"))
     assert spec == SPEC
 
 

@@ -35,7 +35,7 @@ def write_plant(
 
 
 def spec_for(*dirs: Path, image_size: int = 16) -> ImagesSpec:
-    spec = TASK.make_spec({d.name: TASK.profile(d, 0) for d in dirs}, TaskOptions(image_size=image_size))
+    spec = TASK.make_spec({d.name: TASK.profile(d, 0) for d in dirs}, TaskOptions(model="cnn", image_size=image_size))
     assert isinstance(spec, ImagesSpec)
     return spec
 
@@ -114,7 +114,7 @@ def test_round_trip_with_the_union_of_classes(tmp_path: Path) -> None:
     pa, pb = TASK.profile(a, 0), TASK.profile(b, 0)
     assert pa.schema_ == {"image-mode": "L", "image-size": "16x12"} == pb.schema_
     assert pa.class_counts == {"ok": 4, "scratch": 4} and pb.examples == 7  # training split only
-    spec = TASK.make_spec({"a": pa, "b": pb}, TaskOptions(image_size=24))
+    spec = TASK.make_spec({"a": pa, "b": pb}, TaskOptions(model="cnn", image_size=24))
     assert isinstance(spec, ImagesSpec)
     assert (spec.classes, spec.channels, spec.image_size, spec.num_classes, spec.model) == (("dent", "ok", "scratch"), 1, 24, 3, "cnn")
     data = TASK.load_plant_data(a, 0, spec)

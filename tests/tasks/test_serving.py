@@ -109,7 +109,7 @@ def write_image_plant(data_dir: Path, mode: str, size: tuple[int, int] = (20, 14
 def test_images_requests_from_the_folder_give_the_training_tensors(tmp_path, mode):
     task = get_task("images")
     plant = write_image_plant(tmp_path / "plant", mode)
-    spec = task.make_spec({"p": task.profile(plant, 0)}, TaskOptions(image_size=16))
+    spec = task.make_spec({"p": task.profile(plant, 0)}, TaskOptions(model="cnn", image_size=16))
     assert isinstance(spec, ImagesSpec)
     serving = task.serving(spec, plant)
     files = sorted((plant / "images").rglob("*.png"))
@@ -326,3 +326,79 @@ def test_served_inputs_fit_the_tasks_models_and_their_outputs_make_answers(
             outputs = task.build_model(spec).eval()(torch.from_numpy(inputs)).numpy()
         answers = task.serving(spec, plant).answers(outputs)
         assert len(answers) == 3 and all(sum(a["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for a in answers), name
+
+
+# ---- image size limits (the edge server's, read from the header) -------------------------------------------
+
+
+def _png_asking_for(width: int, height: int) -> bytes:
+    """A PNG header asking for width x height RGBA pixels, over a little data: nothing a decoder should start on."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1 << 16))) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    pytest.param(image_bytes(np.zeros((8_000_000, 1), dtype=np.uint8)), "is 1x8000000 pixels; this server takes at most 10000 pixels a side", id="1x8M"),
+    pytest.param(_png_asking_for(12_000, 12_000), "at most 10000 pixels a side", id="over-the-side-limit"),
+    pytest.param(_png_asking_for(9_000, 9_000), "is 9000x9000 = 81,000,000 pixels; this server takes at most 25,000,000", id="over-the-pixel-limit"),
+    pytest.param(_png_asking_for(200_000, 200_000), "asks for more pixels than this server takes", id="past-pils-own-bomb-check"),
+])
+def test_an_image_too_large_by_its_header_is_refused_before_decoding(defect_plant, data, fragment):
+    from tasks.serving import ImageTooLarge
+
+    serving = get_task("defect").serving(DefectSpec(task="defect", model="cnn", num_classes=2), defect_plant)
+    with pytest.raises(ImageTooLarge, match=rf"^instance 1 .*{fragment}") as caught:
+        serving.batch([image_bytes(np.zeros((32, 32), dtype=np.uint8)), data])
+    assert isinstance(caught.value, BadInput) and "\n" not in str(caught.value)
+
+
+def test_image_limits_are_the_servers_to_set(defect_plant):
+    from dataclasses import replace
+
+    from tasks.serving import ImageLimits, ImageTooLarge
+
+    serving = get_task("defect").serving(DefectSpec(task="defect", model="cnn", num_classes=2), defect_plant)
+    wide = image_bytes(np.zeros((10, 400), dtype=np.uint8))
+    with pytest.raises(ImageTooLarge, match="at most 300 pixels a side"):
+        replace(serving, limits=ImageLimits(max_side=300)).batch([wide])
+    with pytest.raises(ImageTooLarge, match="at most 3,000"):
+        replace(serving, limits=ImageLimits(max_pixels=3_000)).batch([wide])
+    assert serving.batch([wide]).shape == (1, 1, 64, 64)
+
+
+def test_a_huge_image_is_shrunk_on_its_8bit_pixels_before_the_tasks_preprocessing(defect_plant):
+    """Its float32 copy is a few megapixels, not the whole image, and the model input barely changes."""
+    from tasks.defect.data import preprocess
+    from tasks.serving import WORKING_SIDE
+
+    serving = get_task("defect").serving(DefectSpec(task="defect", model="cnn", num_classes=2), defect_plant)
+    seen: list[tuple[int, ...]] = []
+
+    def spy(pixels: np.ndarray) -> torch.Tensor:
+        seen.append(pixels.shape)
+        return serving.to_inputs(pixels)
+
+    from dataclasses import replace
+
+    yy, xx = np.mgrid[0:4500, 0:3000]
+    pixels = (128 + 60 * np.sin(xx / 300) * np.cos(yy / 400) + np.random.default_rng(0).normal(0, 10, xx.shape)).clip(0, 255).astype(np.uint8)
+    served = replace(serving, to_inputs=spy).batch([image_bytes(pixels)])
+    assert seen == [(1, 2250, 1500)] and min(seen[0][1:]) >= WORKING_SIDE  # halved: 4x fewer pixels, still past the working side
+    full = preprocess(pixels[None]).numpy()
+    assert np.abs(served - full).max() < 0.05  # standardised units: a small fraction of one standard deviation
+    small = image_bytes(pixels[:2000, :2000])
+    assert replace(serving, to_inputs=spy).batch([small]).shape == (1, 1, 64, 64) and seen[-1] == (1, 2000, 2000)  # under 2x: untouched
+
+
+def test_only_the_usual_image_formats_are_decoded(defect_plant):
+    serving = get_task("defect").serving(DefectSpec(task="defect", model="cnn", num_classes=2), defect_plant)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(buf, format="EPS")  # PIL would hand EPS to Ghostscript
+    with pytest.raises(BadInput, match="instance 0 is not a readable image"):
+        serving.batch([buf.getvalue()])

@@ -1,0 +1,194 @@
+"""Does joining pay? Per plant: what it could train alone vs what it serves after joining, at epsilon 3 and without DP.
+
+For every seed (the seed sets the plants' split, the held-out splits, the initial model and the batches):
+- local: each plant trains the task's model alone on its own training split, without DP (what it could do alone);
+- federated: a real local federation (MLflow, SuperLink, one SuperNode per plant, `flwr run`), DP-SGD at every
+  plant with its own ceiling = the target epsilon and fresh ledgers, and the same without DP;
+- served: what each plant's deploy handler serves from that federated model: the best of {global, personalised,
+  local-only} on a validation split cut from its training records (fl_client.personalise.choose, the same call).
+Every model is scored on each plant's held-out test split; "pooled" pools the plants' test records, each scored by
+the model that plant serves. Served vs local per plant: the difference in macro-F1 with a 95% paired-bootstrap
+interval over the plant's test records.
+
+    .venv/bin/python experiments/joining_pays.py --seeds 42,43,44
+
+Prints a table, writes experiments/results/joining-pays-<task>.json and updates experiments/results/headline.json
+(mean, sd, seeds, command and git commit per headline figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from baselines import federated_model, paired_bootstrap
+
+from fl_client.personalise import PersonaliseSettings, choose
+from maxfl.atomic import atomic_write_text
+from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from tasks import get_task
+from tasks.base import PlantData, Task, TaskOptions, TaskSpec, TrainSettings
+from tasks.classification import classification_metrics, predict_logits
+
+RESULTS = Path(__file__).parent / "results"
+DELTA = 1e-5
+HEADLINE = RESULTS / "headline.json"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def train_local(task: Task, spec: TaskSpec, data: PlantData, plant: str, args: argparse.Namespace) -> torch.nn.Module:
+    """The plant alone, without DP: the same model, epochs (rounds x local epochs) and schedule as the federation."""
+    torch.manual_seed(args.seed)
+    model = task.build_model(spec)
+    for r in range(1, args.rounds + 1):
+        settings = TrainSettings.for_round(args.local_epochs, args.local_batch_size, args.learning_rate, "cosine", args.seed, plant, r, args.rounds)
+        task.train(model, data, settings, spec)
+    return model
+
+
+def scored(models: dict[str, torch.nn.Module], datas: dict[str, PlantData], num_classes: int) -> dict[str, dict[str, float]]:
+    """Each plant's test split scored by its own model, and all test records pooled, each by its plant's model."""
+    logits = {p: predict_logits(models[p], d.x_test) for p, d in datas.items()}
+    out = {p: classification_metrics(logits[p], d.y_test, num_classes) for p, d in datas.items()}
+    out["pooled"] = classification_metrics(torch.cat(list(logits.values())), torch.cat([d.y_test for d in datas.values()]), num_classes)
+    return out
+
+
+def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
+    args.seed = seed
+    task = get_task(args.task)
+    seed_dir = work / f"seed-{seed}"
+    anchor = LocalFederation(FederationSettings(app_dir=find_app_dir(), workdir=seed_dir, plants=args.plants,
+                                                examples_per_plant=args.examples_per_plant))
+    try:
+        plants = anchor.prepare_data(args.task, seed)
+        spec = task.make_spec({p.plant_id: task.profile(p.data_dir, seed) for p in plants}, TaskOptions(model=args.model))
+        datas = {p.plant_id: task.load_plant_data(p.data_dir, seed, spec) for p in plants}
+        uri = anchor.start_mlflow(anchor.reserve_port())
+        started = time.perf_counter()
+        local = {p: train_local(task, spec, d, p, args) for p, d in datas.items()}
+        timings = {"local_s": time.perf_counter() - started}
+        arms: dict[str, Any] = {"local": {"scores": scored(local, datas, spec.num_classes)}}
+        for name, eps in (("eps3", args.epsilon), ("nodp", math.inf)):
+            ledgers = seed_dir / "ledgers" / name
+            shutil.rmtree(ledgers, ignore_errors=True)  # every arm starts with nothing spent, and the anchor has seen nothing
+            private = not math.isinf(eps)
+            watch = {"privacy-watch": str(ledgers / "anchor-privacy-watch.json")}
+            privacy = ({"privacy": "dp-sgd", "target-epsilon": eps, "max-grad-norm": args.max_grad_norm} if private else {"privacy": "none"}) | watch
+            started = time.perf_counter()
+            model, run_id = federated_model(task, spec, args, seed_dir, uri, privacy=privacy, max_epsilon=eps, delta=DELTA, ledger_dir=ledgers)
+            timings[f"{name}_federation_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            choices = {p: choose(task, spec, model, d, "eval_macro_f1", PersonaliseSettings(seed=seed)) for p, d in datas.items()}
+            timings[f"{name}_personalise_s"] = time.perf_counter() - started
+            arms[f"{name}/global"] = {"scores": scored({p: model for p in datas}, datas, spec.num_classes), "mlflow_run": run_id}
+            arms[f"{name}/served"] = {
+                "scores": scored({p: c.model for p, c in choices.items()}, datas, spec.num_classes),
+                "variants": {p: c.variant for p, c in choices.items()},
+                "validation": {p: c.scores for p, c in choices.items()},
+                "served_minus_local_macro_f1": {
+                    p: dict(zip(("gap", "low", "high"), paired_bootstrap(choices[p].model, local[p], d, spec.num_classes, seed=seed), strict=True))
+                    for p, d in datas.items()
+                },
+            }
+            print(f"seed {seed} {name}: global {arms[f'{name}/global']['scores']['pooled']['eval_macro_f1']:.3f}, "
+                  f"served {arms[f'{name}/served']['scores']['pooled']['eval_macro_f1']:.3f} "
+                  f"({', '.join(f'{p} {c.variant}' for p, c in choices.items())})", flush=True)
+        return {"seed": seed, "arms": arms, "timings_s": timings, "records": {p: [len(d.y_train), len(d.y_test)] for p, d in datas.items()}}
+    finally:
+        anchor.procs.stop_all()
+
+
+def summary(seeds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean and sd over seeds of the pooled figures and of how many plants' served model scored below local."""
+    def stat(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    out: dict[str, dict[str, float]] = {}
+    for arm in seeds[0]["arms"]:
+        for metric in ("eval_macro_f1", "eval_auroc"):
+            out[f"{arm}/pooled/{metric}"] = stat([s["arms"][arm]["scores"]["pooled"][metric] for s in seeds])
+    for arm in ("eps3/served", "nodp/served"):
+        below = [sum(s["arms"][arm]["scores"][p]["eval_macro_f1"] < s["arms"]["local"]["scores"][p]["eval_macro_f1"]
+                     for p in s["records"]) for s in seeds]
+        out[f"{arm}/plants_below_local"] = stat([float(b) for b in below])
+    return out
+
+
+def table(seeds: list[dict[str, Any]]) -> str:
+    lines = ["| seed | arm | pooled macro-F1 | pooled AUROC | per plant macro-F1 |", "|---|---|---|---|---|"]
+    for s in seeds:
+        for arm, result in s["arms"].items():
+            per = " / ".join(f"{result['scores'][p]['eval_macro_f1']:.3f}" for p in s["records"])
+            pooled = result["scores"]["pooled"]
+            lines.append(f"| {s['seed']} | {arm} | {pooled['eval_macro_f1']:.3f} | {pooled['eval_auroc']:.3f} | {per} |")
+    return "\n".join(lines)
+
+
+def update_headline(values: dict[str, tuple[dict[str, float], list[int]]], command: str, commit: str) -> None:
+    """Merge this script's figures into headline.json; other scripts' keys are kept."""
+    headline = json.loads(HEADLINE.read_text()) if HEADLINE.is_file() else {}
+    for key, (stat, seeds) in values.items():
+        headline[key] = {"mean": stat["mean"], "sd": stat["sd"], "seeds": seeds, "command": command, "commit": commit}
+    atomic_write_text(HEADLINE, json.dumps(dict(sorted(headline.items())), indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="defect", choices=["defect", "images"])
+    parser.add_argument("--model", default="", help="the task's model (default: its first, effnet-lite0)")
+    parser.add_argument("--plants", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32, help="without DP; under DP each plant's recipe picks its own")
+    parser.add_argument("--local-batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=0.5)
+    parser.add_argument("--lr-schedule", default="cosine")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--examples-per-plant", type=int, default=None)
+    parser.add_argument("--workdir", type=Path, default=Path(".maxfl-bench"))
+    args = parser.parse_args()
+    command = "python experiments/joining_pays.py " + " ".join(sys.argv[1:])
+    commit = git_commit()
+    work = (args.workdir / f"joining-pays-{args.task}").resolve()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through each seed's cleanup
+    seed_list = [int(s) for s in args.seeds.split(",")]
+    seeds = [one_seed(args, seed, work) for seed in seed_list]
+    stats = summary(seeds)
+    print(table(seeds))
+    for key, stat in stats.items():
+        print(f"{key}: {stat['mean']:.3f} +- {stat['sd']:.3f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"joining-pays-{args.task}.json"
+    atomic_write_text(out, json.dumps({"command": command, "commit": commit, "args": {k: str(v) for k, v in vars(args).items()},
+                                       "summary": stats, "seeds": seeds}, indent=2, default=str) + "\n")
+    if args.task == "defect":
+        update_headline({
+            "defect_eps3_served_macro_f1": (stats["eps3/served/pooled/eval_macro_f1"], seed_list),
+            "defect_eps3_served_auroc": (stats["eps3/served/pooled/eval_auroc"], seed_list),
+            "defect_eps3_plants_below_local": (stats["eps3/served/plants_below_local"], seed_list),
+            "defect_nodp_best_macro_f1": (stats["nodp/served/pooled/eval_macro_f1"], seed_list),
+        }, command, commit)
+    print(f"wrote {out} and {HEADLINE}")
+
+
+if __name__ == "__main__":
+    main()
