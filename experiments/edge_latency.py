@@ -73,7 +73,7 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def prepare(tmp: Path) -> tuple[PlantConfig, dict[str, dict[str, Any]]]:
+def prepare(tmp: Path, defect_model: str = "effnet-lite0") -> tuple[PlantConfig, dict[str, dict[str, Any]]]:
     """One plant with a TEP recording and an edge store holding the defect and process models; real inputs."""
     import torch
     from elpv_dataset.utils import load_dataset
@@ -85,8 +85,9 @@ def prepare(tmp: Path) -> tuple[PlantConfig, dict[str, dict[str, Any]]]:
     store = EdgeStore(plant.edge_store_path())
 
     defect = get_task("defect")
-    defect_spec = defect.spec_type(task="defect", model="cnn", num_classes=2)
-    store.install(*_release("maxfl-defect", "defect", defect_spec, export(defect.build_model(defect_spec), defect.input_example(defect_spec))))
+    defect_spec = defect.spec_type(task="defect", model=defect_model, num_classes=2)
+    defect_onnx = export(defect.deployable(defect_spec, defect.build_model(defect_spec)), defect.input_example(defect_spec))
+    store.install(*_release("maxfl-defect", "defect", defect_spec, defect_onnx))
     process_spec = process.make_spec({"plant-1": process.profile(plant_dir, 42)}, TaskOptions())
     store.install(*_release("maxfl-process", "process", process_spec, export(process.build_model(process_spec), process.input_example(process_spec))))
 
@@ -105,7 +106,8 @@ def prepare(tmp: Path) -> tuple[PlantConfig, dict[str, dict[str, Any]]]:
 
     cases = {
         "maxfl-defect": {
-            "spec": f"DefectCNN, {defect_spec.num_classes} classes, input 1x64x64",
+            "spec": f"{defect_model}, {defect_spec.num_classes} classes, input 1x{defect.input_example(defect_spec).shape[-1]}"
+                    f"x{defect.input_example(defect_spec).shape[-1]}",
             "input": f"ELPV cell image, 300x300 grey PNG ({len(pngs[0]) / 1024:.0f} KiB)",
             "single": {"image/png (raw bytes)": {"content": pngs[0], "headers": {"Content-Type": "image/png"}},
                        "JSON (base64)": body(b64[:1])},
@@ -290,6 +292,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="the server's --threads (onnxruntime intra-op)")
     parser.add_argument("--retries", type=int, default=2, help="re-runs of a measurement disturbed by other load")
     parser.add_argument("--quick", action="store_true", help="500 requests, 1.5 s per throughput point")
+    parser.add_argument("--defect-model", default="effnet-lite0", help="the defect task's model (the whole pipeline is served)")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.warmup, args.seconds = 500, 50, 1.5
@@ -300,7 +303,7 @@ def main() -> None:
                               "machine": _machine(args.threads), "n": args.requests, "warmup": args.warmup,
                               "throughput_seconds": args.seconds, "started_at": datetime.now(UTC).isoformat(), "models": {}}
     with tempfile.TemporaryDirectory(prefix="edge-latency-") as tmp:
-        plant, cases = prepare(Path(tmp))
+        plant, cases = prepare(Path(tmp), args.defect_model)
         store = EdgeStore(plant.edge_store_path())
         for model, case in cases.items():
             runtime = load_runtime(store, store.current(model), plant, args.threads)

@@ -95,7 +95,10 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
             model, run_id = federated_model(task, spec, args, seed_dir, uri, privacy=privacy, max_epsilon=eps, delta=DELTA, ledger_dir=ledgers)
             timings[f"{name}_federation_s"] = time.perf_counter() - started
             started = time.perf_counter()
-            choices = {p: choose(task, spec, model, d, "eval_macro_f1", PersonaliseSettings(seed=seed)) for p, d in datas.items()}
+            defaults = task.training_defaults(spec)  # what the deploy handler uses (fl_client.client_app.personalise_release)
+            settings = PersonaliseSettings(epochs=5 * defaults.local_epochs, learning_rate=defaults.learning_rate,
+                                           folds=defaults.validation_folds, seed=seed)
+            choices = {p: choose(task, spec, model, d, "eval_macro_f1", settings) for p, d in datas.items()}
             timings[f"{name}_personalise_s"] = time.perf_counter() - started
             arms[f"{name}/global"] = {"scores": scored({p: model for p in datas}, datas, spec.num_classes), "mlflow_run": run_id}
             arms[f"{name}/served"] = {

@@ -155,7 +155,8 @@ def personalise_release(plant: PlantConfig, store: EdgeStore, manifest: ReleaseM
         spec = task.spec_type.model_validate_json(manifest.task_spec)
         metric = "eval_r2" if spec.num_classes == 1 else "eval_macro_f1"
         defaults = task.training_defaults(spec)
-        settings = PersonaliseSettings(epochs=5 * defaults.local_epochs, learning_rate=defaults.learning_rate, seed=manifest.seed)
+        settings = PersonaliseSettings(epochs=5 * defaults.local_epochs, learning_rate=defaults.learning_rate,
+                                       folds=defaults.validation_folds, seed=manifest.seed)
         data = task.load_plant_data(plant.data_dir, manifest.seed, spec)
         choice = choose(task, spec, unpack_into(task.build_model(spec), arrays), data, metric, settings)
         scores = ", ".join(f"{name} {score:.4f}" for name, score in choice.scores.items())

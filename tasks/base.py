@@ -121,9 +121,10 @@ class TrainingDefaults:
 
     local_epochs: int = 1
     learning_rate: float = 0.05
+    validation_folds: int = 1  # folds a plant validates its personalisation choice on (fl_client.personalise)
 
 
-HEAD_TRAINING = TrainingDefaults(local_epochs=5, learning_rate=0.5)
+HEAD_TRAINING = TrainingDefaults(local_epochs=5, learning_rate=0.5, validation_folds=5)
 
 
 class TaskOptions(BaseModel):

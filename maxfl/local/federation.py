@@ -505,7 +505,12 @@ class LocalFederation:
             if self.plants_address != superlink:
                 self.echo(f"proxy for plants (Fleet API only): {self.plants_address}")
             # The anchor's audit log persists across launches, like its MLflow store (the demo CA does not).
-            self.base_overrides = {**self.s.run_overrides, "tracking-uri": self.tracking_uri, "audit-log": str(self.audit_log)}
+            # The anchor's record of the plants' privacy spend sits beside the demo ledgers: deleting them resets both sides.
+            watch = (self.s.ledger_dir or self.plants[0].data_dir.parent / "ledgers") / "anchor-privacy-watch.json"
+            self.base_overrides = {**self.s.run_overrides, "tracking-uri": self.tracking_uri, "audit-log": str(self.audit_log),
+                                   "privacy-watch": str(watch)}
+            if self.secure:  # replies are attributed by node id -> registered key -> plant (fl_server.identity)
+                self.base_overrides["federation-dir"] = str(self.federation_dir)
             if self.s.mode == "deployment":
                 self.start_plants(self.plants_address, self.plants)
                 joined = " (registered, joined with their kits)" if self.secure else ""

@@ -62,8 +62,8 @@ def _assert_tracked(tmp_path, result) -> None:
     import torch
 
     (mlmodel,) = [p.parent for p in (tmp_path / "work" / "mlflow" / "artifacts").rglob("MLmodel") if models[0].model_id in str(p)]
-    exported = mlflow.pytorch.load_model(str(mlmodel))
-    assert exported(torch.zeros(3, 1, 64, 64)).shape == (3, 2)
+    exported = mlflow.pytorch.load_model(str(mlmodel))  # the whole pipeline: frozen extractor + head, on raw 160 px cells
+    assert exported(torch.zeros(3, 1, 160, 160)).shape == (3, 2)
     assert "torch<2.14,>=2.13" in (mlmodel / "requirements.txt").read_text().splitlines()
 
 

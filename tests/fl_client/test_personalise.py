@@ -67,3 +67,14 @@ def test_the_choice_never_reads_the_test_split():
     dirty = choose(TASK, SPEC, constant_model(), corrupted, "eval_macro_f1", FAST)
     assert (clean.variant, clean.scores) == (dirty.variant, dirty.scores)
     torch.testing.assert_close(clean.model.net[-1].weight, dirty.model.net[-1].weight)  # and the same served model
+
+
+def test_folds_cover_every_training_record_once_as_validation():
+    from fl_client.personalise import validation_folds
+
+    data = plant_data(1.0, n=100)
+    folds = validation_folds(data, seed=3, folds=5)
+    seen = torch.cat([f.x_test for f in folds])
+    assert len(folds) == 5 and len(seen) == len(data.y_train)
+    assert {tuple(r[:3].tolist()) for r in seen} == {tuple(r[:3].tolist()) for r in data.x_train}
+    assert all(abs(int(f.y_test.sum()) - int(data.y_train.sum()) / 5) <= 1 for f in folds)  # stratified by label
