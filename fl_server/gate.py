@@ -31,7 +31,8 @@ class GateRule(BaseModel):
     tolerance: float = Field(0.02, ge=0.0)  # no plant may get worse than the champion by more than this
     floor: float = 0.0  # with no champion yet, the aggregate must reach this (at most this if lower is better)
     # At every plant the candidate must beat the best constant answer (always "good", never alarming; R^2 0) by this.
-    trivial_margin: float = Field(0.02, ge=0.0)
+    # Negative: the rule is off (a pipeline test on a few dozen records; a real release keeps it on).
+    trivial_margin: float = Field(0.02, ge=-1.0)
     onnx_tolerance: float = Field(1e-4, gt=0.0)  # largest ONNX-vs-torch output difference a plant may measure
 
     @property
@@ -168,12 +169,14 @@ def decide(
             row.problem = row.problem or "one class in its test split: shown, not counted"
             rows.append(row)
             continue
-        if metrics.get("eval_predicted_classes", 2.0) < 2:
+        if rule.trivial_margin < 0:
+            pass  # the trivial-baseline rule is off
+        elif metrics.get("eval_predicted_classes", 2.0) < 2:
             reasons.append(f"{plant}: the candidate gives every test record the same answer (it never tells the classes apart)")
         trivial = metrics.get(rule.trivial_key)
         if trivial is not None and math.isfinite(trivial):
             row.trivial = float(trivial)
-            if rule.gain(row.candidate, row.trivial) < rule.trivial_margin:
+            if rule.trivial_margin >= 0 and rule.gain(row.candidate, row.trivial) < rule.trivial_margin:
                 reasons.append(f"{plant}: {rule.metric} {row.candidate:.4f} does not beat the best constant answer's {row.trivial:.4f} "
                                f"by {rule.trivial_margin:g}")
         cand_scores[plant] = row.candidate

@@ -32,6 +32,7 @@ from maxfl.messages import FINGERPRINT_KEY, METRICS, PLANT, TrainingPlan
 from maxfl.weights import pack, unpack_into
 from tasks import get_task
 from tasks.base import TaskSpec
+from tasks.features import get_backbone
 
 app = ServerApp()
 log = logging.getLogger("maxfl")
@@ -127,6 +128,9 @@ def train(grid: Grid, cfg: RunConfig, tracker: RunTracker) -> None:
     log.info("MLflow run %s: %d rounds of %s on task %s%s", tracker.run_id, cfg.num_server_rounds, cfg.strategy, cfg.task,
              f" (resumed after round {done})" if cfg.resume else "")
     spec, profiles = agree_on_data(grid, cfg, task)
+    if cfg.release and (backbone := get_backbone(spec.model)) is not None and not backbone.exportable:
+        raise RunAborted(f"model {spec.model} cannot be exported to ONNX for the edge, so it cannot be released: "
+                         "set run config release=false (an experiment arm) or choose model effnet-lite0")
     if cfg.resume:
         check_same_spec(tracker, spec)
     tracker.log_data_agreement(spec, profiles)

@@ -48,6 +48,7 @@ from maxfl.errors import ConfigError, DataError, ProcessError, UserError
 from maxfl.local.processes import Managed, ProcessGroup, free_port, port_is_free, strip_ansi
 from tasks import get_task
 from tasks.base import TaskOptions, resolve_model
+from tasks.features import get_backbone
 
 log = logging.getLogger("maxfl")
 
@@ -482,7 +483,10 @@ class LocalFederation:
     def __enter__(self) -> LocalFederation:
         """Start MLflow, the SuperLink, the plants (SuperNodes and edge servers); `submit_run` runs on them."""
         cfg = app_run_config(self.s.app_dir, self.s.run_overrides)
-        resolve_model(get_task(cfg.task), TaskOptions(model=cfg.model, image_size=cfg.image_size))  # fail before any process starts
+        model = resolve_model(get_task(cfg.task), TaskOptions(model=cfg.model, image_size=cfg.image_size))  # fail before any process starts
+        if cfg.release and (backbone := get_backbone(model)) is not None and not backbone.exportable:
+            raise ConfigError(f"model {model} cannot be exported to ONNX for the edge, so it cannot be released: "
+                              "add --set release=false (an experiment arm) or choose --set model=effnet-lite0")
         if self.s.tracking_uri and self.s.keep_mlflow:
             raise ConfigError("--keep-mlflow keeps the MLflow server this command starts; with --tracking-uri yours stays up anyway")
         mlflow_port = None if self.s.tracking_uri else self.reserve_port(self.s.mlflow_port, "MLflow", "--mlflow-port")

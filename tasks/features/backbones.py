@@ -28,6 +28,7 @@ class Backbone(Protocol):
     name: str
     input_size: int  # square side the extractor takes
     dim: int  # length of one feature vector
+    exportable: bool  # whether the pipeline exports to ONNX for the edge (releases need it)
 
     def extractor(self) -> nn.Module:
         """A frozen module (eval mode, no gradients): (N, C, input_size, input_size) in [0, 1] -> (N, dim)."""
@@ -77,6 +78,7 @@ class EfficientNetLite0:
     name: str = "effnet-lite0"
     input_size: int = 160
     dim: int = 2560
+    exportable: bool = True
 
     def weights_path(self) -> Path:
         try:
@@ -143,11 +145,14 @@ class _ScatterFeatures(nn.Module):
 
 @dataclass(frozen=True)
 class ScatterNet:
-    """Wavelet scattering (kymatio): no weights at all, so nothing to trust or ship."""
+    """Wavelet scattering (kymatio): no weights at all, so nothing to trust or ship. Its FFT-based graph does not
+    export to ONNX (measured: torch's TorchScript exporter has no `aten::view_as_complex`, torch.export did not finish
+    in minutes), so it trains and evaluates (an experiment arm) but cannot be released to the edge."""
 
     name: str = "scatnet"
     input_size: int = 64
     dim: int = 217 * 4
+    exportable: bool = False
 
     def fingerprint(self) -> str:
         return f"{self.name}-{self.input_size}-j3l8-v1"

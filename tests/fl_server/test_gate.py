@@ -156,3 +156,8 @@ def test_a_claimed_held_out_count_weighs_at_most_what_the_plant_declared():
     report = decide(RULE, PLANTS, cand, None, caps={"plant-1": 100, "plant-2": 400, "plant-3": 400})
     assert report.candidate_aggregate == pytest.approx(0.70)
     assert [p.examples for p in report.plants] == [100, 100, 100]
+
+
+def test_a_negative_trivial_margin_turns_the_rule_off():
+    never_alarms = with_baselines(table(0.37, 0.37, 0.37), trivial=0.37, predicted=(1, 1, 1))
+    assert decide(RULE.model_copy(update={"floor": 0.0, "trivial_margin": -1.0}), PLANTS, never_alarms, None).passed

@@ -147,3 +147,9 @@ def test_a_deleted_ledger_is_refused_and_repaired_from_its_journal(tmp_path):
     assert "repaired" in out.stdout and "2 round(s)" in out.stdout
     after = json.loads(_maxfl("ledger", "--node-config", node_config, "--json").stdout)["data-sets"][0]["epsilon"]
     assert after == pytest.approx(before)
+
+
+def test_a_model_that_cannot_be_exported_is_refused_before_anything_starts_when_it_would_be_released(tmp_path):
+    result = _maxfl("federate", "--workdir", str(tmp_path / "w"), "--set", "model=scatnet")
+    _assert_one_line_error(result, "cannot be exported to ONNX", "release=false")
+    assert not (tmp_path / "w" / "plants").exists()  # nothing was prepared or started
