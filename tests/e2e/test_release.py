@@ -61,10 +61,7 @@ def _maxfl(*args: str, flwr_home: Path | None = None) -> str:
 
 def test_train_gate_register_push_serve_and_roll_back(tmp_path):
     settings = FederationSettings(
-        # Without DP (plants allow it): one round on 64 cells then learns enough to pass the gate's trivial-baseline
-        # rule every time, and this test is about the release chain; DP runs are covered by test_local_federation.py.
-        app_dir=find_app_dir(), workdir=tmp_path / "work", plants=2, examples_per_plant=80, max_epsilon=float("inf"),
-        run_overrides={"num-server-rounds": 1, "privacy": "none"},
+        app_dir=find_app_dir(), workdir=tmp_path / "work", plants=2, examples_per_plant=80, run_overrides={"num-server-rounds": 1},
     )
     fed = LocalFederation(settings, echo=print)
     with fed:
