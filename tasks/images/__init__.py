@@ -27,7 +27,7 @@ from tasks.defect.data import preprocess
 from tasks.defect.split import holdout_split
 from tasks.images.cache import cached
 from tasks.images.demo import write_image_plants
-from tasks.images.folder import read_folder
+from tasks.images.folder import read_folder, scan_classes
 from tasks.defect.data import EXPORT_CHECK_RECORDS
 from tasks.defect.model import DefectCNN
 from tasks.features import deployable, get_backbone, image_model
@@ -149,12 +149,13 @@ class ImagesTask:
             x, labels = tensors["x"], np.array(tensors["labels"], dtype=object)
             export_inputs = None
         else:
-            pixels, labels = read_folder(data_dir, manifest)
-            x = cached_features(backbone, fp, lambda: pixels, expected=len(labels))
+            # The labels come from the folder names: images are decoded only to compute features the cache lacks.
+            _, labels = scan_classes(manifest.data_path(data_dir))
+            x = cached_features(backbone, fp, lambda: read_folder(data_dir, manifest)[0], expected=len(labels))
 
             def export_inputs() -> torch.Tensor:
                 test = np.flatnonzero(~_train_mask(labels, manifest, seed))[:EXPORT_CHECK_RECORDS]
-                return to_inputs(pixels[test], backbone.input_size)
+                return to_inputs(read_folder(data_dir, manifest)[0][test], backbone.input_size)
         assert isinstance(x, torch.Tensor)
         index = {c: i for i, c in enumerate(spec.classes)}
         unknown = sorted(set(labels.tolist()) - index.keys())
