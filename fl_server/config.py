@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -102,7 +104,8 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     privacy_watch: str = ""
     # The anchor's federation folder (`maxfl federation init --dir`): its plants.json maps node ids to plants
     # (fl_server.identity), and nodes the SuperLink has that it lacks are unregistered (fl_server.reconcile).
-    # Empty (simulation, insecure demos): a node is the plant it first claims to be, for the whole run.
+    # Empty: the executor's (`maxfl-superexec --federation-dir`, $MAXFL_FEDERATION_DIR); neither (simulation,
+    # insecure demos): a node is the plant it first claims to be, for the whole run.
     federation_dir: str = ""
     # A node registered outside maxfl (not in plants.json): "unregister" it at the start of every run, or only
     # "report" it (audit log + ServerApp log). Its replies are never heard either way.
@@ -140,6 +143,13 @@ class RunConfig(PrivacyPlan, extra="forbid"):
         from fl_client.config import maxfl_home
 
         return Path(self.audit_log) if self.audit_log else maxfl_home() / "anchor" / "audit.jsonl"
+
+    def federation_folder(self) -> Path | None:
+        """The anchor's federation folder: the run config's, else the one the ServerApp executor checks apps against."""
+        from fl_server.serverapp_policy import FEDERATION_ENV
+
+        folder = self.federation_dir or os.environ.get(FEDERATION_ENV, "")
+        return Path(folder) if folder else None
 
     def privacy_watch_path(self) -> Path | None:
         from fl_client.config import maxfl_home

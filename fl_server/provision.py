@@ -3,12 +3,16 @@
 Layout of a federation folder (`maxfl federation init --dir D`):
 
     D/federation.json      FederationInfo: name, SuperLink address as plants reach it, CA fingerprint
-    D/ca.crt, D/ca.key     the federation's CA (the key: 0600, needed only to issue SuperLink certificates)
-    D/superlink.crt/.key   the SuperLink's TLS certificate (chain: leaf + CA) and key
+    D/ca.crt               the federation's CA certificate
+    D/superlink.crt        the SuperLink's TLS certificate (chain: leaf + CA)
+    D/private/             every private key, 0700: ca.key (needed only to issue certificates), superlink.key,
+                           superexec.secret (the SuperLink's ServerApp executor), admins/<name>/ (admins' bundles);
+                           a container that must read the rest of D (the ServerApp's) gets an empty tmpfs here
+    D/allowed-serverapps   the ServerApps the anchor runs: FAB hashes (fl_server.serverapp_policy)
     D/flwr-home/           the anchor's Flower CLI config: the Control API over TLS, verified with the CA
     D/proxy/               the reverse proxy's (Caddy's) config and state: what plants reach (fl_server.proxy)
     D/admins.json          remote admins: name, client-certificate fingerprint, expiry (`maxfl federation add-admin`)
-    D/admins/<name>/       an admin's bundle: admin.crt/.key (mutual TLS to the proxy's admin listener), ca.crt, admin.json
+    D/private/admins/<name>/  an admin's bundle: admin.crt/.key (mutual TLS to the proxy's admin listener), ca.crt, admin.json
     D/plants.json          every plant ever added: key fingerprint, Flower node id, active/revoked
     D/kits/<plant-id>/     the join kit sent to a plant: ca.crt, kit.json, README.md
     D/audit.jsonl          append-only audit log (maxfl.audit): plant.joined, plant.revoked, ...
@@ -31,6 +35,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -50,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fl_client.config import PLANT_ID_PATTERN
 from fl_server.proxy import ProxyConfig
+from fl_server.serverapp_policy import ALLOWED_FILE, ALLOWED_HEADER
 from fl_client.join import (
     FEDERATION_NAME_PATTERN, KIT_CA, KIT_FILE, KIT_README, PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, JoinError, JoinKit, cert_fingerprint, describe_ca, is_ip,
     key_fingerprint, load_certificate, load_public_key, now_utc, short, split_address, write_file,
@@ -61,13 +67,15 @@ from maxfl.errors import UserError, describe_validation_error
 FEDERATION_FILE = "federation.json"
 PLANTS_FILE = "plants.json"
 AUDIT_FILE = "audit.jsonl"
-CA_CERT, CA_KEY = "ca.crt", "ca.key"
-SUPERLINK_CERT, SUPERLINK_KEY = "superlink.crt", "superlink.key"
+PRIVATE = "private"  # every private key and secret, and nothing else
+CA_CERT, CA_KEY = "ca.crt", "private/ca.key"
+SUPERLINK_CERT, SUPERLINK_KEY = "superlink.crt", "private/superlink.key"
+SUPEREXEC_SECRET = "private/superexec.secret"
 FLWR_HOME = "flwr-home"
 KITS = "kits"
 STATE_DB = "superlink-state.db"
 ADMINS_FILE = "admins.json"
-ADMINS = "admins"
+ADMINS = "private/admins"
 ADMIN_CERT, ADMIN_KEY, ADMIN_INFO = "admin.crt", "admin.key", "admin.json"
 PROXY_DIR = "proxy"
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -159,6 +167,14 @@ class Federation:
     @property
     def superlink_key(self) -> Path:
         return self.dir / SUPERLINK_KEY
+
+    @property
+    def superexec_secret(self) -> Path:
+        return self.dir / SUPEREXEC_SECRET
+
+    @property
+    def allowed_serverapps(self) -> Path:
+        return self.dir / ALLOWED_FILE
 
     @property
     def flwr_home(self) -> Path:
@@ -433,8 +449,11 @@ def init_federation(folder: Path, name: str, superlink_address: str, sans: Seque
     except ValidationError as exc:
         raise ProvisionError(describe_validation_error(exc, "federation")) from None
     folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)  # holds the CA key
+    os.chmod(folder, 0o700)
+    (folder / PRIVATE).mkdir(mode=0o700, exist_ok=True)
     write_file(folder / CA_KEY, _pem_key(ca_key), 0o600)
+    write_file(folder / SUPEREXEC_SECRET, secrets.token_hex(32).encode(), 0o600)
+    atomic_write_text(folder / ALLOWED_FILE, ALLOWED_HEADER)
     write_file(folder / CA_CERT, _pem(ca), 0o644)
     _write_superlink_cert(folder, ca, cert, key)
     atomic_write_text(folder / FLWR_HOME / "config.toml", flwr_config_text(info, folder / CA_CERT))
@@ -466,9 +485,9 @@ def superlink_argv(fed: Federation | None, bin_dir: Path, host: str, port: int, 
                    superexec_secret: Path | None = None) -> list[str]:
     """`flower-superlink` with TLS from the federation and SuperNode authentication; `fed=None`: insecure (demos only).
 
-    With `superexec_secret`, ServerApps run in process isolation: only a `flower-superexec` holding the same secret
-    may pick them up from the Runtime API, which Flower 1.41 serves on the public port (subprocess isolation
-    ignores the secret).
+    With `superexec_secret`, ServerApps run in process isolation: only an executor holding the same secret
+    (`maxfl-superexec`, fl_server.serverapp_policy) may pick them up from the Runtime API, which Flower 1.41 serves
+    on the SuperLink's one port (subprocess isolation ignores the secret).
     """
     argv = [str(bin_dir / "flower-superlink")]
     if fed is None:

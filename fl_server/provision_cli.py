@@ -51,7 +51,8 @@ def init(
     console.print(f"federation '{fed.info.name}' created in {fed.dir}")
     console.print(f"CA sha256 {fed.info.ca_fingerprint} ({short(fed.info.ca_fingerprint)}); keep {fed.ca_key} offline-safe")
     console.print(f"SuperLink certificate for: {', '.join(fed.info.sans)}")
-    console.print(f"next: `maxfl federation superlink --dir {fed.dir}`, then `maxfl federation add-plant PLANT_ID --public-key FILE --dir {fed.dir}`")
+    console.print(f"next: `maxfl federation superlink --dir {fed.dir}`, then `maxfl federation add-plant PLANT_ID --public-key FILE --dir {fed.dir}`"
+                  f" and `maxfl federation allow-serverapp APP_DIR --dir {fed.dir}` (the anchor runs no other ServerApp)")
 
 
 @app.command()
@@ -65,57 +66,102 @@ def superlink(
                                                    "mutual TLS: only admins added with `maxfl federation add-admin`.")] = None,
     database: Annotated[Path | None, typer.Option(help="SuperLink state (registered plants, runs); default DIR/superlink-state.db.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication, no proxy: local demos only.")] = False,
-    superexec_secret_file: Annotated[Path | None, typer.Option(help="Run ServerApps in process isolation: only a `flower-superexec "
-                                     "--superexec-auth-secret-file` with this secret may pick them up (see compose/).")] = None,
+    superexec_secret_file: Annotated[Path | None, typer.Option(help="The SuperExec secret: only an executor holding it picks up "
+                                     "ServerApps (default DIR/private/superexec.secret, made at init).")] = None,
+    executor: Annotated[bool, typer.Option("--executor/--no-executor", help="Run the ServerApp executor (`maxfl-superexec`: only "
+                        "ServerApps in DIR/allowed-serverapps) here; --no-executor: one started elsewhere with the same secret.")] = True,
+    unknown_nodes: Annotated[str, typer.Option(help="Nodes at the SuperLink that are no plant in plants.json, found once it "
+                                               "answers: unregister (default) or report.")] = "unregister",
 ) -> None:
-    """Run the SuperLink on loopback and the proxy that admits plants (Fleet API only), in the foreground, until Ctrl-C."""
+    """Run the SuperLink on loopback, the proxy that admits plants (Fleet API only) and the ServerApp executor that
+    runs only allowed ServerApps, in the foreground, until Ctrl-C."""
     from fl_client.join import is_ip, split_address
     from fl_server.provision import QUIET_ENV, STATE_DB, proxy_config, superlink_argv
     from fl_server.proxy import caddy_argv, caddy_binary, caddy_env, healthy, write_config
+    from fl_server.serverapp_policy import superexec_argv
 
     fed = _fed(folder)
+    if unknown_nodes not in ("unregister", "report"):
+        raise ConfigError(f"--unknown-nodes {unknown_nodes!r}: give unregister or report")
     bin_dir = Path(sys.executable).parent
     listen = port or split_address(fed.info.superlink_address)[1]
-    if superexec_secret_file is not None and not superexec_secret_file.is_file():
-        raise ConfigError(f"--superexec-secret-file {superexec_secret_file} does not exist; write a long random secret there "
-                          "(e.g. `openssl rand -hex 32`) and give the same file to flower-superexec")
-    env = {**os.environ, **QUIET_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # it starts flower-superexec
+    secret = superexec_secret_file or fed.superexec_secret
+    if not secret.is_file():
+        raise ConfigError(f"the SuperExec secret {secret} does not exist; write a long random secret there (e.g. `openssl rand -hex 32 > "
+                          f"{secret}`, mode 600), or give --superexec-secret-file")
+    env = {**os.environ, **QUIET_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     plants = f"[{host}]:{listen}" if ":" in host else f"{host}:{listen}"
+    commands = []
     if insecure:
         err_console.print("[yellow]warning:[/yellow] --insecure: no TLS, no SuperNode authentication and no proxy -- any process that "
                           f"reaches port {listen} can join as a plant, read the traffic and use the Control API; local demos only")
         _check_free(plants, "--port")
-        argv = superlink_argv(None, bin_dir, host, listen, database or fed.dir / STATE_DB, superexec_secret=superexec_secret_file)
+        argv = superlink_argv(None, bin_dir, host, listen, database or fed.dir / STATE_DB, superexec_secret=secret)
         console.print(f"SuperLink of '{fed.info.name}' on {plants} (INSECURE)")
-        raise typer.Exit(_foreground([("SuperLink", argv, env, lambda: True)], f"SuperLink of '{fed.info.name}' started"))
-    own_host, own_port = split_address(fed.info.control_address)
-    own = f"{own_host if is_ip(own_host) else '127.0.0.1'}:{superlink_port or own_port}"
-    if split_address(own)[1] == listen:
-        raise ConfigError(f"the SuperLink's own port and the plants' port are both {listen}; give the SuperLink another with "
-                          "--superlink-port (and set control_address in federation.json to 127.0.0.1:THAT_PORT)")
-    _check_free(plants, "--port")
-    _check_free(own, "--superlink-port")
-    admin = None
-    if admin_port is not None:
-        admin = f"[{host}]:{admin_port}" if ":" in host else f"{host}:{admin_port}"
-        if admin_port in (listen, split_address(own)[1]):
-            raise ConfigError(f"--admin-port {admin_port} is already the plants' or the SuperLink's port; pick another")
-        if not fed.admin_certs():
-            raise ConfigError(f"--admin-port: no admins yet, so nobody could use it; add one with `maxfl federation add-admin NAME "
-                              f"--admin-address HOST:{admin_port} --dir {fed.dir}`")
-        _check_free(admin, "--admin-port")
-    proxy = proxy_config(fed, plants, upstream=own, admin_listen=admin, admin_certs=fed.admin_certs() if admin else ())
-    caddy = caddy_argv(caddy_binary(), write_config(proxy))
-    link = superlink_argv(fed, bin_dir, split_address(own)[0], split_address(own)[1], database or fed.dir / STATE_DB,
-                          superexec_secret=superexec_secret_file)
-    console.print(f"SuperLink of '{fed.info.name}' on {own} (TLS + SuperNode authentication; Control API: here only)")
-    console.print(f"proxy for plants on {plants}: Fleet API only (TLS with {fed.superlink_cert.name})")
-    if admin:
-        console.print(f"admin listener on {admin}: Control API, mutual TLS for {len(proxy.admin_certs)} admin(s) on record")
-    code = _foreground([("SuperLink", link, env, lambda: healthy(own, fed.ca_cert)),
-                        ("proxy (caddy)", caddy, caddy_env(proxy, env), lambda: healthy(plants, fed.ca_cert))],
-                       f"ready: plants join at {fed.info.superlink_address}")
-    raise typer.Exit(code)
+        own, ca = f"127.0.0.1:{listen}", None
+        commands.append(("SuperLink", argv, env, lambda: _answers(f"http://{own}/health")))
+    else:
+        own_host, own_port = split_address(fed.info.control_address)
+        own = f"{own_host if is_ip(own_host) else '127.0.0.1'}:{superlink_port or own_port}"
+        ca = fed.ca_cert
+        if split_address(own)[1] == listen:
+            raise ConfigError(f"the SuperLink's own port and the plants' port are both {listen}; give the SuperLink another with "
+                              "--superlink-port (and set control_address in federation.json to 127.0.0.1:THAT_PORT)")
+        _check_free(plants, "--port")
+        _check_free(own, "--superlink-port")
+        admin = None
+        if admin_port is not None:
+            admin = f"[{host}]:{admin_port}" if ":" in host else f"{host}:{admin_port}"
+            if admin_port in (listen, split_address(own)[1]):
+                raise ConfigError(f"--admin-port {admin_port} is already the plants' or the SuperLink's port; pick another")
+            if not fed.admin_certs():
+                raise ConfigError(f"--admin-port: no admins yet, so nobody could use it; add one with `maxfl federation add-admin NAME "
+                                  f"--admin-address HOST:{admin_port} --dir {fed.dir}`")
+            _check_free(admin, "--admin-port")
+        proxy = proxy_config(fed, plants, upstream=own, admin_listen=admin, admin_certs=fed.admin_certs() if admin else ())
+        caddy = caddy_argv(caddy_binary(), write_config(proxy))
+        link = superlink_argv(fed, bin_dir, split_address(own)[0], split_address(own)[1], database or fed.dir / STATE_DB, superexec_secret=secret)
+        console.print(f"SuperLink of '{fed.info.name}' on {own} (TLS + SuperNode authentication; Control API: here only)")
+        console.print(f"proxy for plants on {plants}: Fleet API only (TLS with {fed.superlink_cert.name})")
+        if admin:
+            console.print(f"admin listener on {admin}: Control API, mutual TLS for {len(proxy.admin_certs)} admin(s) on record")
+        commands.append(("SuperLink", link, env, lambda: healthy(own, fed.ca_cert) and _reconcile_once(fed, unknown_nodes == "unregister")))
+        commands.append(("proxy (caddy)", caddy, caddy_env(proxy, env), lambda: healthy(plants, fed.ca_cert)))
+    if executor:
+        console.print(f"ServerApp executor: only the ServerApps in {fed.allowed_serverapps} ({_allowed_count(fed)} allowed now)")
+        commands.append(("ServerApp executor", superexec_argv(bin_dir, own, secret, fed.dir, ca, parent_pid=os.getpid()), env, lambda: True))
+    ready = f"ready: plants join at {plants if insecure else fed.info.superlink_address}"
+    raise typer.Exit(_foreground(commands, ready))
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _allowed_count(fed) -> int:  # noqa: ANN001 - provision.Federation
+    from fl_server.serverapp_policy import read_allowed
+
+    return len(read_allowed(fed.allowed_serverapps))
+
+
+def _reconcile_once(fed, remove_unknown: bool) -> bool:  # noqa: ANN001 - provision.Federation
+    """The SuperLink's nodes against plants.json as soon as it answers (fl_server.reconcile); always True (ready)."""
+    from fl_server.provision import ProvisionError
+    from fl_server.reconcile import reconcile
+
+    try:
+        result = reconcile(fed, remove_unknown=remove_unknown)
+    except ProvisionError as exc:
+        err_console.print(f"[yellow]warning:[/yellow] node check skipped: {exc}")
+        return True
+    (console if result.clean else err_console).print(f"node check: {result.summary()}")
+    return True
 
 
 @app.command()
@@ -365,3 +411,30 @@ def renew(folder: Dir, days: Annotated[int, typer.Option(help="Days the new cert
         raise ConfigError("--days must be at least 1")
     cert = renew_superlink(_fed(folder), days)
     console.print(f"SuperLink certificate renewed, valid until {cert.not_valid_after_utc:%Y-%m-%d}; restart the SuperLink to use it")
+
+
+App = Annotated[str, typer.Argument(help="The ServerApp: the app folder you pass to `flwr run`, a .fab file, or its SHA-256.")]
+
+
+@app.command("allow-serverapp")
+def allow_serverapp(app_: App, folder: Dir) -> None:
+    """Let the anchor run this ServerApp (its FAB hash into DIR/allowed-serverapps); no restart needed."""
+    from fl_server.serverapp_policy import allow_serverapp as allow
+
+    fed = _fed(folder)
+    with fed.locked():
+        fab_hash, added = allow(fed.dir, app_, fed.audit)
+    console.print(f"ServerApp sha256 {fab_hash} " + ("allowed" if added else "was already allowed") + f" ({fed.allowed_serverapps})")
+
+
+@app.command("disallow-serverapp")
+def disallow_serverapp(app_: App, folder: Dir) -> None:
+    """Stop running this ServerApp: its later runs are refused (a run already going finishes)."""
+    from fl_server.serverapp_policy import disallow_serverapp as disallow
+
+    fed = _fed(folder)
+    with fed.locked():
+        fab_hash, removed = disallow(fed.dir, app_, fed.audit)
+    if not removed:
+        raise ConfigError(f"ServerApp sha256 {fab_hash} is not in {fed.allowed_serverapps}; nothing to take off")
+    console.print(f"ServerApp sha256 {fab_hash} no longer allowed")

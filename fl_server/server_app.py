@@ -80,7 +80,8 @@ def plant_identities(cfg: RunConfig, tracker: RunTracker) -> PlantIdentities:
     def spoofed(node: int, claimed: str, plant: str, kind: str) -> None:
         tracker.audit_event("reply.spoofed", node_id=node, claimed=claimed, plant=plant, message_type=kind)
 
-    plants_file = Path(cfg.federation_dir) / PLANTS_FILE if cfg.federation_dir else None
+    folder = cfg.federation_folder()
+    plants_file = folder / PLANTS_FILE if folder is not None else None
     return PlantIdentities(plants_file, on_spoof=spoofed)
 
 
@@ -90,10 +91,10 @@ def reconcile_nodes(cfg: RunConfig, tracker: RunTracker, **hooks: Any) -> Reconc
     Their replies are refused anyway (fl_server.identity), so a Control API that cannot be asked stops nothing: it
     is logged and audited (`node.reconcile_failed`). `hooks`: the lister and unregisterer, for tests.
     """
-    if not cfg.federation_dir:
+    if (folder := cfg.federation_folder()) is None:
         return None
     try:
-        result = reconcile(load_federation(Path(cfg.federation_dir)), remove_unknown=cfg.unknown_nodes == "unregister",
+        result = reconcile(load_federation(folder), remove_unknown=cfg.unknown_nodes == "unregister",
                            audit=tracker.audit_event, **hooks)
     except ProvisionError as exc:
         log.warning("node check skipped: %s", exc)

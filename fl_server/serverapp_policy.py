@@ -5,15 +5,16 @@ The SuperLink runs whatever `flwr run` submits, and its Control API has no authe
 refuse ClientApps they did not allow (fl_client.app_policy); this is the anchor's counterpart.
 
 The allowed hashes (as `maxfl app hash APP_DIR` prints them) come from the federation folder's
-`allowed-serverapps` file (one hash per line, `#` comments) and from `MAXFL_ALLOWED_SERVERAPPS`
-(comma-separated). Neither set: no ServerApp runs. The file is read when each ServerApp starts, so allowing a
-new version needs no restart.
+`allowed-serverapps` file (one hash per line, `#` comments; `maxfl federation allow-serverapp` edits it) and
+from `MAXFL_ALLOWED_SERVERAPPS` (comma-separated). Neither set: no ServerApp runs. The file is read when each
+ServerApp starts, so allowing a new version needs no restart.
 
 Enforcement: `maxfl-superexec` is Flower's `flower-superexec` whose ServerApp tasks start `maxfl-serverapp`
 instead of `flwr-serverapp`; that is Flower's own `flwr-serverapp` with this check put in front of the FAB's
 installation (`install_gate`). A refused FAB is never installed or imported; the anchor's audit log records
 `serverapp.refused` and the run fails with the reason (`flwr run` shows it). The check is imported before any
-FAB is, so a FAB cannot replace it.
+FAB is, so a FAB cannot replace it. `maxfl federation superlink` runs the SuperLink in process isolation with
+a SuperExec secret and `maxfl-superexec` beside it (`superexec_argv`), so nothing else can pick up a run.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ from maxfl.audit import AuditLog
 from maxfl.errors import UserError
 
 ALLOWED_FILE = "allowed-serverapps"  # in the federation folder
+ALLOWED_HEADER = ("# The ServerApps this anchor runs: one FAB SHA-256 per line, `#` starts a comment.\n"
+                  "# `maxfl federation allow-serverapp APP_DIR --dir D` adds one; nothing listed: no ServerApp runs.\n")
 AUDIT_FILE = "audit.jsonl"  # the federation folder's audit log (fl_server.provision)
 FEDERATION_ENV = "MAXFL_FEDERATION_DIR"
 ALLOWED_ENV = "MAXFL_ALLOWED_SERVERAPPS"
 AUDIT_ENV = "MAXFL_ANCHOR_AUDIT_LOG"  # default: <federation dir>/audit.jsonl, else $MAXFL_HOME/anchor/audit.jsonl
 SERVERAPP_COMMAND = "maxfl-serverapp"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-HINT = "if the anchor trusts it, add its hash (`maxfl app hash APP_DIR`) to the federation folder's allowed-serverapps"
+HINT = "if the anchor trusts it: `maxfl federation allow-serverapp APP_DIR --dir FEDERATION_DIR`"
 
 
 class ServerAppRefused(UserError):
@@ -62,6 +65,53 @@ def read_allowed(path: Path) -> frozenset[str]:
             raise ServerAppRefused(f"{path} line {number} is not a SHA-256 hash (64 hex digits); `maxfl app hash APP_DIR` prints one")
         found.add(item)
     return frozenset(found)
+
+
+def _hash_of(app: str) -> tuple[str, str]:
+    """A ServerApp given as its SHA-256, a `.fab` file or the app folder `flwr run` takes: (hash, label)."""
+    if _SHA256.match(app.strip().lower()):
+        return app.strip().lower(), ""
+    from fl_client.app_policy import build_fab
+
+    path = Path(app).expanduser()
+    if path.is_file() and path.suffix == ".fab":
+        content = path.read_bytes()
+        fab_id, version = _metadata(content)
+    elif path.is_dir():
+        content, fab_id, version = build_fab(path)
+    else:
+        raise ServerAppRefused(f"{app} is neither a SHA-256 hash, a .fab file nor a Flower app folder; give the folder you pass to `flwr run`")
+    return hashlib.sha256(content).hexdigest(), f"{fab_id} {version}".strip()
+
+
+def allow_serverapp(folder: Path, app: str, audit: AuditLog) -> tuple[str, bool]:
+    """Add a ServerApp (hash, .fab or app folder) to `folder`'s allowed-serverapps, atomically; audited.
+
+    Returns (hash, added): False when it was already allowed. Callers hold the federation's lock."""
+    from maxfl.atomic import atomic_write_text
+
+    fab_hash, label = _hash_of(app)
+    path = folder / ALLOWED_FILE
+    if fab_hash in read_allowed(path):
+        return fab_hash, False
+    text = path.read_text(encoding="utf-8") if path.is_file() else ALLOWED_HEADER
+    atomic_write_text(path, text + ("" if not text or text.endswith("\n") else "\n") + f"{fab_hash}  # {label or 'by hash'}\n")
+    audit.record("serverapp.allowed", "anchor", fab_hash=fab_hash, app=label)
+    return fab_hash, True
+
+
+def disallow_serverapp(folder: Path, app: str, audit: AuditLog) -> tuple[str, bool]:
+    """Take a ServerApp off `folder`'s allowed-serverapps (its later runs are refused); (hash, removed)."""
+    from maxfl.atomic import atomic_write_text
+
+    fab_hash, label = _hash_of(app)
+    path = folder / ALLOWED_FILE
+    if fab_hash not in read_allowed(path):
+        return fab_hash, False
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.split("#", 1)[0].strip().lower() != fab_hash]
+    atomic_write_text(path, "\n".join(kept) + "\n")
+    audit.record("serverapp.disallowed", "anchor", fab_hash=fab_hash, app=label)
+    return fab_hash, True
 
 
 class ServerAppPolicy(BaseModel):
@@ -186,6 +236,22 @@ def superexec_main() -> None:
         raise SystemExit(f"maxfl-superexec: {command} is missing; reinstall maxfl's server extra (pip install -e '.[server]')")
     TASK_TYPE_TO_COMMAND[TaskType.SERVER_APP] = command
     flower_superexec()
+
+
+def superexec_argv(bin_dir: Path, runtime_address: str, secret: Path, federation_dir: Path | None, ca_cert: Path | None,
+                   parent_pid: int | None = None) -> list[str]:
+    """`maxfl-superexec` for a SuperLink in process isolation: attached to its Runtime API (TLS verified with the
+    federation CA, or `--insecure` without one), holding its SuperExec secret, checking ServerApps against
+    `federation_dir`'s list; with `parent_pid` it exits with that process (the SuperLink)."""
+    argv = [str(bin_dir / "maxfl-superexec")]
+    if federation_dir is not None:
+        argv += ["--federation-dir", str(federation_dir)]
+    argv += ["--runtime-api-address", runtime_address]
+    argv += ["--root-certificates", str(ca_cert)] if ca_cert is not None else ["--insecure"]
+    argv += ["--superexec-auth-secret-file", str(secret)]
+    if parent_pid is not None:
+        argv += ["--parent-pid", str(parent_pid)]
+    return argv
 
 
 def serverapp_command() -> str:

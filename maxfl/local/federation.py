@@ -42,6 +42,7 @@ from fl_client.join import (
 from fl_server.config import RunConfig
 from fl_server.provision import Federation, add_plant, flwr_register, init_federation, proxy_config, superlink_argv
 from fl_server.proxy import caddy_argv, caddy_binary, caddy_env, healthy, write_config
+from fl_server.serverapp_policy import AUDIT_ENV, allow_serverapp, superexec_argv
 from fl_server.tracking import check_reachable
 from maxfl.atomic import atomic_write_text
 from maxfl.errors import ConfigError, DataError, ProcessError, UserError
@@ -160,6 +161,7 @@ class LocalFederation:
         self._log_offsets: dict[str, int] = {}  # plant id -> where its SuperNode's latest start begins in its log
         self._launch: dict[str, tuple[list[str], dict[str, str], int]] = {}  # plant id -> SuperNode argv, env, runtime port
         self._pending: dict[str, Managed] = {}  # SuperNodes started but not connected yet (not watched)
+        self.app_hash: str | None = None  # the FAB `flwr run` submits (deployment): the plants' and the anchor's allowed app
 
     @property
     def secure(self) -> bool:
@@ -178,7 +180,7 @@ class LocalFederation:
         from fl_client.app_policy import fab_hash
 
         # The demo plants run exactly the app `flwr run` will submit from app_dir (simulation has no executor).
-        app_hash = fab_hash(self.s.app_dir) if self.s.mode == "deployment" else None
+        app_hash = self.app_hash = fab_hash(self.s.app_dir) if self.s.mode == "deployment" else None
         plants = [
             PlantConfig(plant_id=f"plant-{k}", data_dir=root / f"plant-{k}", max_epsilon=self.s.ceilings.get(f"plant-{k}", self.s.max_epsilon),
                         allowed_apps=app_hash, audit_log=root / "audit" / f"plant-{k}.jsonl",
@@ -248,7 +250,9 @@ class LocalFederation:
         for stale in home.glob("state.db*"):
             stale.unlink()
         fed = self.provision(port, proxy_port or self.reserve_port()) if self.secure else None
-        argv = superlink_argv(fed, self.bin, "127.0.0.1", port, home / "state.db", simulation=self.s.mode == "simulation")
+        secret = fed.superexec_secret if fed is not None else None  # secure: ServerApps only via maxfl-superexec
+        argv = superlink_argv(fed, self.bin, "127.0.0.1", port, home / "state.db", simulation=self.s.mode == "simulation",
+                              superexec_secret=secret)
         proc = self.procs.start("superlink", argv, {**self.env, "FLWR_HOME": str(home / "flwr-home")})
         address = f"127.0.0.1:{port}"
         if fed is None:
@@ -257,8 +261,19 @@ class LocalFederation:
             tls = ssl.create_default_context(cafile=str(fed.ca_cert))
             ready = lambda: _http_ok(f"https://{address}/health", verify=tls)  # noqa: E731
         self.procs.wait_until("the SuperLink to answer", ready, STARTUP_TIMEOUT_S, proc)
+        if fed is not None:
+            self.start_executor(fed, address, proc)
         self.plants_address = address if fed is None else self.start_proxy(fed, address)
         return address
+
+    def start_executor(self, fed: Federation, superlink: str, link: Managed) -> None:
+        """The anchor's ServerApp executor, as `maxfl federation superlink` runs it: only the app this launch
+        submits is on the allowed list (anything else `flwr run` sends is refused and audited)."""
+        assert self.app_hash is not None
+        with fed.locked():
+            allow_serverapp(fed.dir, self.app_hash, fed.audit)
+        argv = superexec_argv(self.bin, superlink, fed.superexec_secret, fed.dir, fed.ca_cert, parent_pid=link.popen.pid)
+        self.procs.start("superexec", argv, {**self.env, AUDIT_ENV: str(self.audit_log)})
 
     def node_home(self, plant: PlantConfig) -> Path:
         return plant.data_dir.parent.parent / "nodes" / plant.plant_id

@@ -419,7 +419,7 @@ def test_the_superlink_runs_what_maxfl_federation_superlink_runs_plus_process_is
     for path in (ns.ssl_certfile, ns.ssl_keyfile, ns.ssl_ca_certfile):
         m = mount_at(svc, path)
         assert m and m["type"] == "bind" and m["read_only"] and m["target"] == path, f"{path} is not mounted read-only"
-        assert m["source"] == f"./federation/{Path(path).name}"
+        assert m["source"] == "./" + path.removeprefix("/"), f"{path} comes from elsewhere than the federation folder's {path}"
     state = mount_at(svc, str(database))
     assert state and state["type"] == "volume" and not state["read_only"], "the SuperLink's state DB must persist on a volume"
     assert "ports" not in svc, "the SuperLink is not published: plants reach the proxy (its Control API must stay inside)"
@@ -437,7 +437,7 @@ def test_the_proxy_is_the_only_published_way_to_the_superlink_and_forwards_to_it
     env = env_example("anchor")
     assert published(proxy) == {params["port"]: f"{env['SUPERLINK_BIND']}:{env['SUPERLINK_PORT']}"}
     assert set(proxy["networks"]) == {"link", "default"} and proxy["depends_on"]["superlink"]["condition"] == "service_healthy"
-    for name in ("federation.json", "ca.crt", "superlink.crt", "superlink.key"):
+    for name in ("federation.json", "ca.crt", "superlink.crt", "private/superlink.key"):
         m = mount_at(proxy, f"{params['folder']}/{name}")
         assert m and m["type"] == "bind" and m["read_only"] and m["source"] == f"./federation/{name}", name
     state = mount_at(proxy, str(params["state_dir"]))
@@ -458,18 +458,27 @@ def _secret_file(svc: dict[str, Any], args: list[str]) -> str:
     return secret["source"]
 
 
-def test_the_serverapp_executor_attaches_to_the_superlink_over_tls() -> None:
+def test_the_serverapp_executor_runs_only_allowed_serverapps_and_attaches_to_the_superlink_over_tls() -> None:
+    from fl_server.serverapp_policy import superexec_argv
+
     link, app = services("anchor")["superlink"], services("anchor")["serverapp"]
     link_args, args = argv(link), argv(app)
-    assert args[0] == "flower-superexec"
-    ns = parse_flower_superexec(args[1:])
+    assert args[:3] == ["maxfl-superexec", "--federation-dir", "/federation"], "the executor that checks each FAB's hash"
+    ns = parse_flower_superexec(args[3:])
     assert not ns.insecure and ns.runtime_dependency_install is False
     host, port = ns.runtime_api_address.rsplit(":", 1)
     assert host == "superlink" and int(port) == int(flag(link_args, "--port")), "the executor dials the superlink service's port"
     assert ns.root_certificates == flag(link_args, "--ssl-ca-certfile"), "it verifies the SuperLink with the federation CA"
-    m = mount_at(app, ns.root_certificates)
-    assert m and m["read_only"] and m["source"] == "./federation/ca.crt"
-    assert not [m for m in mounts(app) if "superlink.key" in m["source"] or "ca.key" in m["source"]], "no private key in the ServerApp container"
+    expected = superexec_argv(Path("/opt/maxfl/bin"), ns.runtime_api_address, Path(ns.superexec_auth_secret_file), Path("/federation"),
+                              Path(ns.root_certificates))
+    assert args[: len(expected)] == [Path(expected[0]).name, *expected[1:]], "what `maxfl federation superlink` runs beside its SuperLink"
+    # The federation folder read-only (allowed-serverapps, plants.json), every private key hidden under a tmpfs.
+    m = mount_at(app, "/federation/allowed-serverapps")
+    assert m and m["type"] == "bind" and m["read_only"] and m["source"] == "./federation"
+    for secret in ("/federation/private/ca.key", "/federation/private/superlink.key", "/federation/private/admins/alice/admin.key"):
+        hidden = mount_at(app, secret)
+        assert hidden and hidden["type"] == "tmpfs", f"{secret} is visible in the ServerApp container"
+    assert app["environment"]["MAXFL_ANCHOR_AUDIT_LOG"].startswith(mount_at(app, "/var/lib/maxfl")["target"]), "refusals are audited on a volume"
     assert _secret_file(app, args) == _secret_file(link, link_args), "both sides hold the same SuperExec secret"
     assert app["depends_on"]["superlink"]["condition"] == "service_healthy"
     assert app["depends_on"]["mlflow"]["condition"] == "service_healthy"
@@ -548,16 +557,18 @@ def test_the_admin_service_runs_the_real_maxfl_federation_commands() -> None:
         ["federation", "plants", "--dir", "/federation"],
         ["federation", "expiry", "--dir", "/federation"],
         ["federation", "renew", "--dir", "/federation"],
+        ["federation", "allow-serverapp", "/app", "--dir", "/federation"],
     ):
         parse_maxfl(args)
 
 
-def test_only_the_admin_service_sees_the_whole_federation_folder() -> None:
+def test_only_the_admin_service_sees_the_federation_folders_private_keys() -> None:
     for name, svc in services("anchor").items():
         for m in mounts(svc):
-            if name != "admin":
-                assert m["source"] != "./federation", f"{name} mounts the whole federation folder (with the CA key)"
-            assert "ca.key" not in m["source"], f"{name} mounts the CA key"
+            if name != "admin" and m.get("source") == "./federation":
+                assert m["read_only"] and (mount_at(svc, "/federation/private") or {}).get("type") == "tmpfs", \
+                    f"{name} mounts the federation folder with its private keys"
+            assert "ca.key" not in m.get("source", ""), f"{name} mounts the CA key"
 
 
 # ================================================================ the plant

@@ -74,6 +74,7 @@ def _app_snapshot(dest: Path) -> tuple[Path, str]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from fl_client.join import keygen, load_kit
     from fl_server.provision import add_plant, init_federation, load_federation
+    from fl_server.serverapp_policy import allow_serverapp
     from maxfl.local.processes import ProcessGroup, descendants, free_port
     from tasks import get_task
 
@@ -90,7 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         secret.write_text(os.urandom(32).hex())
         table = {
             "/federation/": f"{fed.dir}/", "/run/secrets/superexec_secret": str(secret), "/var/lib/maxfl/superlink": str(root / "superlink-state"),
-            "/var/lib/mlflow/artifacts": str(root / "mlflow-artifacts"), "superlink:9092": f"127.0.0.1:{sl_port}",
+            "/var/lib/maxfl": str(root / "anchor-state"), "/var/lib/mlflow/artifacts": str(root / "mlflow-artifacts"), "superlink:9092": f"127.0.0.1:{sl_port}",
             "127.0.0.1:9092": f"127.0.0.1:{sl_port}", "127.0.0.1:5000": f"127.0.0.1:{mlflow_port}", "127.0.0.1:9095": f"127.0.0.1:{health_port}",
             "http://mlflow:5000": f"http://127.0.0.1:{mlflow_port}",
         }
@@ -116,6 +117,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         procs.wait_until("the proxy's healthcheck", _healthy(probe), 120, proc)
 
         executor = _mapped(argv(anchor["serverapp"]), table)
+        executor[executor.index("--federation-dir") + 1] = str(fed.dir)  # the folder mounted at /federation
+        allow_serverapp(fed.dir, app_hash, fed.audit)  # `maxfl federation allow-serverapp APP` as the README says
         env = {k: _mapped([v], table)[0] for k, v in anchor["serverapp"]["environment"].items()}
         proc = procs.start("serverapp", [str(BIN / executor[0]), *executor[1:]], _env(FLWR_HOME=str(root / "serverapp-home"), **env))
         procs.wait_until("the ServerApp executor's healthcheck", _healthy(_mapped(healthcheck_argv(anchor["serverapp"]), table)), 120, proc)
@@ -141,7 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         proc = procs.start("edge", [str(BIN / "maxfl"), *edge[1:]], _env(MAXFL_HOME=str(state), OMP_NUM_THREADS="1"))
         procs.wait_until("the edge server's healthcheck", _healthy(_mapped(healthcheck_argv(plant["edge"]), ptable)), 120, proc)
         assert load_kit(kit).info.superlink_address == f"127.0.0.1:{proxy_port}", "the plant joins through the proxy"
-        yield {"root": root, "app": app, "fed": fed, "sl_port": sl_port, "proxy_port": proxy_port, "edge": f"http://127.0.0.1:{edge_port}",
+        yield {"root": root, "app": app, "app_hash": app_hash, "fed": fed, "sl_port": sl_port, "proxy_port": proxy_port, "edge": f"http://127.0.0.1:{edge_port}",
                "state": state, "procs": procs}
     finally:
         killed = procs.stop_all()
@@ -191,6 +194,10 @@ def test_a_run_submitted_as_the_readme_says_trains_releases_and_reaches_the_edge
         pytest.fail(f"{exc}; the run said: {run.stdout[-3000:]}")
     health = _edge_health(stack["edge"])
     assert health["model"]["version"] == 1 and health["plant"] == "plant-1"
+    from maxfl.audit import AuditLog
+
+    anchor_events = list(AuditLog(stack["root"] / "anchor-state" / "anchor" / "audit.jsonl").events())
+    assert [e.details["fab_hash"] for e in anchor_events if e.event == "serverapp.accepted"] == [stack["app_hash"]], "the executor checked the app"
     state = stack["state"]
     node_config = flag(argv(services("plant")["supernode"]), "--node-config")
     assert "/var/lib/maxfl/ledger.json" in node_config and (state / "ledger.json").is_file(), "the ledger lands on the plant-state volume"

@@ -124,6 +124,25 @@ def test_running_a_serverapp_through_the_plants_port_is_refused(fed, attacker):
     assert _runs(fed) == before
 
 
+def test_a_serverapp_the_anchor_did_not_allow_is_refused_even_on_its_own_port(fed, tmp_path):
+    """Defence in depth: whoever reaches the SuperLink's own (loopback) port still cannot run code on the anchor."""
+    from fl_client.app_policy import fab_hash
+    from maxfl.audit import AuditLog
+    from tests.fl_server.test_serverapp_policy import ROGUE_APP, ROGUE_PYPROJECT
+
+    app = tmp_path / "rogue"
+    app.mkdir()
+    marker = tmp_path / "ran.txt"
+    (app / "pyproject.toml").write_text(ROGUE_PYPROJECT.replace("MARKER", str(marker)))
+    (app / "rogue_app.py").write_text(ROGUE_APP)
+    out = subprocess.run([str(BIN / "flwr"), "run", str(app), "local", "--stream"], capture_output=True, text=True, timeout=300,
+                         env={**ENV, "FLWR_HOME": str(fed.cli_home)}, check=False)
+    assert not marker.exists(), out.stdout
+    assert "the anchor refuses ServerApp someone/rogue 1.0.0" in out.stdout + out.stderr
+    refused = [e for e in AuditLog(fed.audit_log).events() if e.event == "serverapp.refused"]
+    assert [e.details["fab_hash"] for e in refused] == [fab_hash(app)]
+
+
 def _raw(fed, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, str]:
     """One request with the path exactly as written (no client-side normalisation), TLS verified by the CA."""
     host, port = fed.plants_address.rsplit(":", 1)
@@ -203,18 +222,31 @@ def _maxfl_foreground(*args: str, cwd: Path | None = None) -> Iterator[subproces
     assert "Traceback" not in rest
 
 
-def test_the_superlink_command_runs_the_superlink_on_loopback_behind_the_proxy_and_stops_both(tmp_path):
+def test_the_superlink_command_runs_the_superlink_on_loopback_behind_the_proxy_with_its_executor_and_stops_all(tmp_path):
     port = free_port()
     fed = init_federation(tmp_path / "fed", "acme", f"127.0.0.1:{port}", control_address=f"127.0.0.1:{free_port()}")
     with _maxfl_foreground("federation", "superlink", "--dir", str(fed.dir), "--host", "127.0.0.1") as proc:
         assert proc.seen[-1].startswith(f"ready: plants join at 127.0.0.1:{port}")  # type: ignore[attr-defined]
         cmdlines = " | ".join(_cmdline(pid) for pid in descendants(proc.pid))
-        assert "flower-superlink" in cmdlines and "caddy run --config" in cmdlines, cmdlines
+        assert "flower-superlink" in cmdlines and "caddy run --config" in cmdlines and "maxfl-superexec --federation-dir" in cmdlines, cmdlines
+        assert "--isolation process" in cmdlines, "only the executor holding the SuperExec secret picks up ServerApps"
         tls = ssl.create_default_context(cafile=str(fed.ca_cert))
         assert httpx.get(f"https://127.0.0.1:{port}/health", verify=tls).is_success
         assert httpx.post(f"https://127.0.0.1:{port}/v1/control/list-nodes", verify=tls).status_code == 403
         code, answer = _flwr(fed.flwr_home, "supernode", "ls", "acme")  # the anchor's own config: the loopback SuperLink
         assert code == 0 and answer["nodes"] == [], answer
+        # A key registered behind maxfl's back (as the open port allowed before the proxy): not in plants.json.
+        _, public, _ = keygen(tmp_path / "intruder")
+        _, answer = _flwr(fed.flwr_home, "supernode", "register", str(public), "acme")
+        intruder = int(answer["node-id"])
+    # The next start finds it and unregisters it before any plant is admitted.
+    with _maxfl_foreground("federation", "superlink", "--dir", str(fed.dir), "--host", "127.0.0.1") as proc:
+        said = "".join(proc.seen)  # type: ignore[attr-defined]
+        assert f"1 node(s) registered outside maxfl ({intruder}), 1 unregistered" in said, said
+        _, answer = _flwr(fed.flwr_home, "supernode", "ls", "acme")
+        assert intruder not in {int(n["node-id"]) for n in answer["nodes"] if n["status"] != "unregistered"}, answer
+    events = [e for e in fed.audit.events() if e.event == "node.unknown"]
+    assert [(e.details["node_id"], e.details["action"]) for e in events] == [(intruder, "unregistered")]
 
 
 # ---------------------------------------------------------------- remote admins: mutual TLS on the admin listener
@@ -390,6 +422,8 @@ def test_a_plant_outside_loopback_joins_through_the_proxy_and_reaches_nothing_el
                     break
             assert "connected as node" in said[-1], "".join(said)
             assert node_id_from_log((logs / "supernode-plant-1.log").read_text()) == load_kit(kit).info.node_id
+            subprocess.run([sys.executable, "-m", "maxfl", "federation", "allow-serverapp", str(app), "--dir", str(fed.dir)], env=ENV,
+                           check=True, timeout=120)  # the anchor runs this ServerApp (its executor refuses any other)
             config = tmp_path / "run.toml"
             config.write_text(f'num-server-rounds = 1\nmin-plants = 1\nrelease = false\ntracking-uri = "sqlite:///{tmp_path / "mlflow.db"}"\n')
             run = subprocess.run([str(BIN / "flwr"), "run", str(app), "acme", "--stream", "--run-config", str(config)], capture_output=True, text=True,

@@ -121,8 +121,8 @@ def test_the_serverapp_killed_mid_run_resumes_in_the_same_mlflow_run_with_no_rou
     runner.start()
     _wait("the first checkpoint", lambda: (r := _mlflow_run(client, "server-crash")) is not None
           and int(r.data.tags.get(CHECKPOINT_TAG, 0)) >= 1, runner)
-    superlink = next(m for m in fed.procs.procs if m.name == "superlink")
-    serverapps = [p for p in descendants(superlink.popen.pid) if b"flwr-serverapp" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    executor = next(m for m in fed.procs.procs if m.name == "superexec")  # the anchor's, which checked the app's hash
+    serverapps = [p for p in descendants(executor.popen.pid) if b"maxfl-serverapp" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(serverapps) == 1
     os.kill(serverapps[0], signal.SIGKILL)
     runner.join(timeout=300)

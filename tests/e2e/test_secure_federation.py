@@ -141,8 +141,9 @@ def test_a_revoked_plant_cannot_join_again_and_the_other_plant_still_can(fed):
     plants = json.loads((fed.federation_dir / "plants.json").read_text())["plants"]
     assert {p: r["status"] for p, r in plants.items()} == {"plant-1": "active", "plant-2": "revoked"}
     audit = AuditLog(fed.federation_dir / "audit.jsonl")
-    assert audit.verify() == 4
+    assert audit.verify() == 5
     assert [(e.event, e.details.get("plant"), e.details.get("node_id")) for e in audit.events()][1:] == [
+        ("serverapp.allowed", None, None),  # the app `maxfl federate` submits, the only one its executor runs
         ("plant.joined", "plant-1", node_ids["plant-1"]), ("plant.joined", "plant-2", node_ids["plant-2"]),
         ("plant.revoked", "plant-2", node_ids["plant-2"])]
     assert all(cert_fingerprint(load_kit(k).ca) == fed.federation.info.ca_fingerprint for k in fed.kits.values())

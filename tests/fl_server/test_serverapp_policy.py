@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
 from fl_server.serverapp_policy import (
-    ALLOWED_ENV, ALLOWED_FILE, FEDERATION_ENV, ServerAppPolicy, ServerAppRefused, guard_install, install_gate, read_allowed,
+    ALLOWED_ENV, ALLOWED_FILE, FEDERATION_ENV, ServerAppPolicy, ServerAppRefused, allow_serverapp, disallow_serverapp, guard_install,
+    install_gate, read_allowed, superexec_argv,
 )
+from maxfl.audit import AuditLog
 
 FAB = b"PK\x03\x04 a FAB the anchor built"
 OTHER = b"PK\x03\x04 a FAB somebody else submitted"
@@ -63,6 +66,62 @@ def test_a_broken_allowed_file_names_its_line(tmp_path):
     (tmp_path / ALLOWED_FILE).write_text("# ok\nnot-a-hash\n")
     with pytest.raises(ServerAppRefused, match="line 2 is not a SHA-256 hash"):
         read_allowed(tmp_path / ALLOWED_FILE)
+
+
+def test_allowing_and_disallowing_edit_the_list_atomically_and_are_audited(tmp_path):
+    from fl_server.provision import init_federation
+
+    fed = init_federation(tmp_path / "fed", "acme", "127.0.0.1:9092")
+    assert read_allowed(fed.allowed_serverapps) == frozenset(), "a new federation runs no ServerApp"
+    fab = tmp_path / "app.fab"
+    fab.write_bytes(FAB)
+    digest = hashlib.sha256(FAB).hexdigest()
+    assert allow_serverapp(fed.dir, str(fab), fed.audit) == (digest, True)
+    assert allow_serverapp(fed.dir, digest.upper(), fed.audit) == (digest, False)  # already there: unchanged
+    other = hashlib.sha256(OTHER).hexdigest()
+    allow_serverapp(fed.dir, other, fed.audit)
+    assert read_allowed(fed.allowed_serverapps) == {digest, other}
+    assert fed.allowed_serverapps.read_text().startswith("# The ServerApps this anchor runs")  # the header stays
+    assert disallow_serverapp(fed.dir, digest, fed.audit) == (digest, True)
+    assert disallow_serverapp(fed.dir, digest, fed.audit) == (digest, False)
+    assert read_allowed(fed.allowed_serverapps) == {other}
+    events = [e.event for e in fed.audit.events()]
+    assert events.count("serverapp.allowed") == 2 and events.count("serverapp.disallowed") == 1
+    with pytest.raises(ServerAppRefused, match="neither a SHA-256 hash"):
+        allow_serverapp(fed.dir, str(tmp_path / "nowhere"), fed.audit)
+    assert read_allowed(fed.allowed_serverapps) == {other}
+
+
+def test_the_cli_allows_an_app_folder_by_the_hash_flwr_run_submits(tmp_path):
+    from typer.testing import CliRunner
+
+    from fl_client.app_policy import fab_hash
+    from fl_server.provision import init_federation
+    from maxfl.cli import app
+
+    fed = init_federation(tmp_path / "fed", "acme", "127.0.0.1:9092")
+    folder = tmp_path / "rogue"
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(ROGUE_PYPROJECT.replace("MARKER", "x"))
+    (folder / "rogue_app.py").write_text(ROGUE_APP)
+    out = CliRunner().invoke(app, ["federation", "allow-serverapp", str(folder), "--dir", str(fed.dir)])
+    assert out.exit_code == 0, out.output
+    assert read_allowed(fed.allowed_serverapps) == {fab_hash(folder)}
+    assert "someone/rogue 1.0.0" in fed.allowed_serverapps.read_text()  # the line says which app it is
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "maxfl", "federation", "disallow-serverapp", "0" * 64, "--dir", str(fed.dir)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "is not in" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_executor_argv_is_flowers_superexec_with_the_federation_folder():
+    argv = superexec_argv(Path("/venv/bin"), "127.0.0.1:9093", Path("/s"), Path("/fed"), Path("/fed/ca.crt"), parent_pid=7)
+    assert argv == ["/venv/bin/maxfl-superexec", "--federation-dir", "/fed", "--runtime-api-address", "127.0.0.1:9093",
+                    "--root-certificates", "/fed/ca.crt", "--superexec-auth-secret-file", "/s", "--parent-pid", "7"]
+    assert "--insecure" in superexec_argv(Path("/b"), "127.0.0.1:1", Path("/s"), None, None)
 
 
 def test_the_gate_goes_into_flowers_serverapp_runtime(monkeypatch, federation):
@@ -159,10 +218,6 @@ def test_a_submitted_serverapp_with_an_unknown_hash_never_runs_on_the_anchor(tmp
     (app / "rogue_app.py").write_text(ROGUE_APP)
     secret = tmp_path / "superexec.secret"
     secret.write_text(secrets.token_hex(32))
-    # The superexec starts this in place of flwr-serverapp: maxfl-serverapp's code (the console script is the lead's to add).
-    shim = tmp_path / "maxfl-serverapp"
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'from fl_server.serverapp_policy import serverapp_main; serverapp_main()' \"$@\"\n")
-    shim.chmod(0o755)
     port = _free_port()
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(tmp_path / "flwr-home"),
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -177,9 +232,7 @@ def test_a_submitted_serverapp_with_an_unknown_hash_never_runs_on_the_anchor(tmp
     superexec = None
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", superlink)
-        launcher = f"import fl_server.serverapp_policy as p; p.serverapp_command = lambda: {str(shim)!r}; p.superexec_main()"
-        superexec = subprocess.Popen([sys.executable, "-c", launcher, "--federation-dir", str(fed), "--runtime-api-address", f"127.0.0.1:{port}",
-                                      "--insecure", "--superexec-auth-secret-file", str(secret)],
+        superexec = subprocess.Popen(superexec_argv(bin_dir, f"127.0.0.1:{port}", secret, fed, None, parent_pid=superlink.pid),
                                      env=env, stdout=(logs / "superexec.log").open("w"), stderr=subprocess.STDOUT)
 
         def submit() -> str:
