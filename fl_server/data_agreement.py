@@ -19,7 +19,7 @@ from fl_server.identity import refusal
 from fl_server.strategy import RunAborted, failure_reason, plant_of
 from maxfl.errors import UserError
 from maxfl.messages import CONFIG, PROFILE, DataQuery
-from tasks.base import DataProfile, Task, TaskOptions, TaskSpec
+from tasks.base import DataProfile, Task, TaskOptions, TaskSpec, check_labels
 
 log = logging.getLogger("maxfl")
 
@@ -68,8 +68,11 @@ def agree_on_data(grid: Grid, cfg: RunConfig, task: Task) -> tuple[TaskSpec, dic
     profiles = collect_profiles(grid, cfg, task)
     try:
         spec = task.make_spec(profiles, TaskOptions(model=cfg.model, image_size=cfg.image_size))
-    except UserError as exc:  # schema mismatch, too few classes, a model the task does not have
+        missing = check_labels(profiles)
+    except UserError as exc:  # schema or label mismatch, too few classes, a model the task does not have
         raise RunAborted(str(exc)) from None
+    for warning in missing:
+        log.warning("data check: %s", warning)
     summary = ", ".join(f"{p} {prof.examples} examples" for p, prof in sorted(profiles.items()))
     log.info("data check: %d plant(s) agree on the %s schema (%s)", len(profiles), cfg.task, summary)
     return spec, profiles

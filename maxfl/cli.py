@@ -126,6 +126,14 @@ def check_data(
     """Plant side: validate the data and show what the plant would tell the anchor (schema and statistics, no rows)."""
     profile = _task(task).profile(data_dir, seed)
     console.print(profile.model_dump_json(by_alias=True, indent=2))
+    counts = profile.label_counts_or_none()
+    if counts is not None and (absent := sorted(label for label, n in counts.items() if n == 0)):
+        err_console.print(f"[yellow]warning:[/yellow] no training examples of {', '.join(absent)} in {data_dir}: this plant can join, "
+                          "but learns those classes only from the other plants and cannot score them")
+    if counts is not None and sum(1 for n in counts.values() if n > 0) < 2:
+        present = [label for label, n in counts.items() if n > 0]
+        err_console.print(f"[yellow]warning:[/yellow] one class only ({', '.join(present) or 'none'}) among the training examples: a model "
+                          "trained here alone cannot tell classes apart; the federation needs other plants with the other classes")
     console.print(f"[green]ok[/green]: {profile.examples} training examples for task {task} in {data_dir}")
 
 

@@ -150,6 +150,12 @@ class DataProfile(BaseModel):
     examples: int = Field(ge=0)
     schema_: dict[str, str] = Field(default_factory=dict, alias="schema")
 
+    def label_counts_or_none(self) -> dict[str, int] | None:
+        """Training examples per label, for tasks with labels (the classification profiles' `class_counts`);
+        None where there are none (regression). The anchor compares these vocabularies across plants."""
+        counts = getattr(self, "class_counts", None)
+        return {str(k): int(v) for k, v in counts.items()} if counts is not None else None
+
 
 class TaskSpec(BaseModel):
     """What every plant needs to build the shared model and encode its data identically."""
@@ -168,6 +174,53 @@ class SchemaMismatch(DataError):
         self.problems = dict(problems)
         listed = "; ".join(f"{plant}: {', '.join(found)}" for plant, found in sorted(self.problems.items()))
         super().__init__(f"plants disagree on the data schema, fix their manifests before training: {listed}")
+
+
+class LabelMismatch(DataError):
+    """A plant has labels no other plant has (another spelling, another coding): named with both vocabularies."""
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        self.problems = dict(problems)
+        listed = "; ".join(f"{plant}: {found}" for plant, found in sorted(self.problems.items()))
+        super().__init__(f"plants disagree on the labels, use the same label names at every plant before training: {listed}")
+
+
+def _labels(labels: set[str] | list[str]) -> str:
+    shown = sorted(labels)
+    return ", ".join(repr(x) for x in shown[:8]) + (f" (+{len(shown) - 8} more)" if len(shown) > 8 else "") if shown else "none"
+
+
+def check_labels(profiles: Mapping[str, DataProfile]) -> list[str]:
+    """Compare the plants' label vocabularies before any training; returns warnings for the run's log.
+
+    A plant whose labels are another vocabulary -- labels no other plant has, while it lacks labels the others
+    share (`yes`/`no` at one plant, `0`/`1` at the others) -- raises LabelMismatch naming it with both
+    vocabularies: training would make each spelling its own class. A plant that only lacks classes (it learns them
+    from the federation) or only adds one (a defect type only it has seen) is a warning: that class is then scored
+    at fewer plants, or at none but its own.
+    """
+    vocab = {p: {label for label, n in counts.items() if n > 0} for p, prof in profiles.items()
+             if (counts := prof.label_counts_or_none()) is not None}
+    if len(vocab) < 2:
+        return []
+    problems: dict[str, str] = {}
+    warnings: list[str] = []
+    everyone = set().union(*vocab.values())
+    for plant, labels in sorted(vocab.items()):
+        others = set().union(*(v for p, v in vocab.items() if p != plant))
+        shared = set.intersection(*(v for p, v in vocab.items() if p != plant))
+        own, lacking = labels - others, shared - labels
+        if own and lacking:
+            problems[plant] = f"labels {_labels(own)} are at no other plant (its labels: {_labels(labels)}; the others': {_labels(others)})"
+            continue
+        if own:
+            warnings.append(f"only {plant} has examples of {_labels(own)}: no other plant can score the model on them")
+        if missing := everyone - labels:
+            warnings.append(f"{plant} has no training examples of {_labels(missing)} (other plants do): it learns those classes "
+                            "only from the federation, and its test scores for them stay empty")
+    if problems:
+        raise LabelMismatch(problems)
+    return warnings
 
 
 def schema_mismatches(profiles: Mapping[str, DataProfile]) -> dict[str, list[str]]:

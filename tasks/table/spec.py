@@ -80,6 +80,9 @@ class TableProfile(DataProfile):
     label_counts: dict[str, int]  # classification only
     target_moments: Moments | None = None  # regression only
 
+    def label_counts_or_none(self) -> dict[str, int] | None:
+        return dict(self.label_counts) if self.problem == "classification" else None
+
 
 class TableSpec(TaskSpec):
     problem: Problem

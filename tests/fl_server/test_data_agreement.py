@@ -80,3 +80,39 @@ def test_schema_disagreement_stops_the_run_naming_the_plant():
     grid = StandInGrid({1: ("plant-1", _profile()), 2: ("plant-2", _profile(odd)), 3: ("plant-3", _profile())})
     with pytest.raises(RunAborted, match=r"plant-2: image is 'RGB 128x128' \(plant-1, plant-3: 'grey 64x64"):
         agree_on_data(grid, RunConfig(min_plants=2), get_task("defect"))
+
+
+def _labelled(counts):
+    return DefectProfile(task="defect", fingerprint="ab" * 32, examples=sum(counts.values()), schema=SCHEMA, class_counts=counts)
+
+
+def test_a_plant_with_its_own_label_names_stops_the_run_naming_both_vocabularies():
+    grid = StandInGrid({1: ("plant-1", _labelled({"0": 8, "1": 2})), 2: ("plant-2", _labelled({"no": 8, "yes": 2})),
+                        3: ("plant-3", _labelled({"0": 5, "1": 5}))})
+    with pytest.raises(RunAborted) as err:
+        agree_on_data(grid, RunConfig(min_plants=2), get_task("defect"))
+    message = str(err.value)
+    assert "plants disagree on the labels" in message
+    assert "plant-2: labels 'no', 'yes' are at no other plant (its labels: 'no', 'yes'; the others': '0', '1')" in message
+    assert "plant-1" not in message.split("plant-2:")[0].split("labels,")[-1]  # only the odd plant is named
+
+
+def test_a_class_missing_at_one_plant_is_a_warning_and_the_run_goes_on(caplog):
+    grid = StandInGrid({1: ("plant-1", _labelled({"good": 9, "defective": 0})), 2: ("plant-2", _labelled({"good": 6, "defective": 4}))})
+    with caplog.at_level("WARNING", logger="maxfl"):
+        spec, profiles = agree_on_data(grid, RunConfig(min_plants=2), get_task("defect"))
+    assert set(profiles) == {"plant-1", "plant-2"}
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data check: ")]
+    assert "data check: only plant-2 has examples of 'defective': no other plant can score the model on them" in said
+    assert any(m.startswith("data check: plant-1 has no training examples of 'defective' (other plants do)") for m in said), said
+
+
+def test_labels_are_not_compared_where_there_are_none():
+    from tasks.base import check_labels
+
+    class Unlabelled(DefectProfile):
+        def label_counts_or_none(self):
+            return None
+
+    profiles = {"a": Unlabelled(task="defect", fingerprint="ab" * 32, examples=1, schema=SCHEMA), "b": _labelled({"x": 1})}
+    assert check_labels(profiles) == []

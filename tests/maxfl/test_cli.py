@@ -85,6 +85,17 @@ def test_check_data_shows_what_a_plant_would_send(tmp_path):
     assert '"column:temperature_c": "numeric"' in result.stdout and "training examples for task table" in result.stdout
 
 
+def test_check_data_warns_when_the_plant_has_a_single_class(tmp_path):
+    _maxfl("prepare-data", "--task", "table", "--plants", "1", "--out", str(tmp_path), "--examples-per-plant", "60")
+    csv = tmp_path / "plant-1" / "quality.csv"
+    header, *rows = csv.read_text().splitlines()
+    at = header.split(",").index("defect")
+    csv.write_text("\n".join([header, *(",".join(v if i != at else "0" for i, v in enumerate(r.split(","))) for r in rows)]) + "\n")
+    result = _maxfl("check-data", "--task", "table", "--data-dir", str(tmp_path / "plant-1"))
+    assert result.returncode == 0, result.stderr  # it can still join: the other plants bring the other class
+    assert "warning: one class only (0) among the training examples" in " ".join(result.stderr.split())
+
+
 def test_check_data_on_a_table_without_its_target_is_one_line_naming_file_and_column(tmp_path):
     _maxfl("prepare-data", "--task", "table", "--plants", "1", "--out", str(tmp_path), "--examples-per-plant", "60")
     csv = tmp_path / "plant-1" / "quality.csv"
