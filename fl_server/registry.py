@@ -25,6 +25,7 @@ WEIGHTS_FILE = "weights.npy"
 GATE_TAG = "maxfl.gate"  # passed | failed | promoted (by hand)
 GATE_SUMMARY_TAG = "maxfl.gate.summary"
 SHA_TAG = "maxfl.onnx.sha256"
+SCHEMA_TAG = "maxfl.schema"  # tasks.base.schema_fingerprint of the data a version was trained on
 CHAMPIONS_TAG = "maxfl.champion.history"  # registered-model tag: versions that were champion, oldest first
 EDGE_TAG_PREFIX = "maxfl.edge."  # registered-model tag per plant: its EdgeRecord as JSON
 

@@ -17,7 +17,7 @@ from fl_server.config import RunConfig
 from fl_server.gate import GateReport, GateRule, decide
 from fl_server.identity import refusal
 from fl_server.push import push
-from fl_server.registry import CANDIDATE, CHAMPION, GATE_SUMMARY_TAG, GATE_TAG, SHA_TAG, Registry
+from fl_server.registry import CANDIDATE, CHAMPION, GATE_SUMMARY_TAG, GATE_TAG, SCHEMA_TAG, SHA_TAG, Registry
 from fl_server.strategy import RunAborted, failed_plant, failure_reason, plant_of
 from fl_server.tracking import RunTracker
 from maxfl import onnx_model
@@ -85,6 +85,7 @@ def lineage_tags(cfg: RunConfig, tracker: RunTracker, flwr_run_id: int, plants: 
         "maxfl.version": maxfl.__version__,
         "maxfl.metrics": report.model_dump_json(include={"plants", "candidate_aggregate", "champion_aggregate", "aggregate_gain"}),
         SHA_TAG: sha256,
+        SCHEMA_TAG: tracker.schema,
         GATE_TAG: "passed" if report.passed else "failed",
         GATE_SUMMARY_TAG: report.summary,
     }
@@ -111,6 +112,11 @@ def release_model(
     champion = registry.champion()
     plan = {**plan, "server-round": cfg.num_server_rounds}  # the plants' handlers read a round's instructions
     champion_content = None
+    if champion is not None and (theirs := champion.tags.get(SCHEMA_TAG)) and tracker.schema and theirs != tracker.schema:
+        log.warning("release: %s v%d was trained on other data (schema %s, this run's %s): no comparable champion, this is a "
+                    "first release for this data", registry.name, champion.version, theirs[:12], tracker.schema[:12])
+        tracker.audit_event("release.other_data", champion=champion.version, champion_schema=theirs, schema=tracker.schema)
+        champion = None
     if champion is not None:
         held = registry.load_release(champion.version)
         if held.manifest.task != cfg.task:

@@ -19,10 +19,11 @@ from torch import nn
 import maxfl
 from fl_server.config import RunConfig
 from fl_server.gate import GateReport
-from fl_server.registry import GATE_TAG, RELEASE_DIR, SHA_TAG, WEIGHTS_FILE, EdgeRecord
+from fl_server.registry import GATE_TAG, RELEASE_DIR, SCHEMA_TAG, SHA_TAG, WEIGHTS_FILE, EdgeRecord
 from maxfl.audit import AuditLog
 from maxfl.errors import ConfigError
 from maxfl.release import MANIFEST_FILE, ONNX_FILE, ReleaseManifest
+from tasks.base import schema_fingerprint
 
 log = logging.getLogger("maxfl")
 
@@ -66,6 +67,7 @@ class RunTracker:
         self.latest: dict[str, float] = {}  # every metric's last logged value: the lineage of the run's model
         self.fingerprints: dict[str, str] = {}  # plant -> SHA-256 of the data it trained on
         self.agreed_examples: dict[str, int] = {}  # plant -> training records it declared (data agreement): its most weight
+        self.schema = ""  # tasks.base.schema_fingerprint of the agreed data: which champions are comparable
         self.run_series = 0  # the first Flower run of a resumed run (0: not resumed)
         self.audit: AuditLog | None = None  # the anchor's audit log: runs, rejections, gate results, deployments
 
@@ -110,7 +112,8 @@ class RunTracker:
         self._mlflow.log_dict({p: prof.model_dump(mode="json", by_alias=True) for p, prof in profiles.items()}, "data/profiles.json")
         self.fingerprints = {p: str(getattr(prof, "fingerprint", "")) for p, prof in profiles.items()}
         self.agreed_examples = {p: int(getattr(prof, "examples", 0)) for p, prof in profiles.items()}
-        self._mlflow.set_tags({f"maxfl.data.{p}": fp[:16] for p, fp in self.fingerprints.items()})
+        self.schema = schema_fingerprint(profiles)  # type: ignore[arg-type]
+        self._mlflow.set_tags({**{f"maxfl.data.{p}": fp[:16] for p, fp in self.fingerprints.items()}, SCHEMA_TAG: self.schema[:16]})
 
     def log_model(self, model: nn.Module, input_example: np.ndarray) -> str:
         """Log the torch model (pt2); returns its `models:/` URI for the registry."""

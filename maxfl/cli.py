@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from pydantic import ValidationError
 
@@ -59,6 +61,8 @@ def federate(
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no SuperNode authentication (default: both, with a fresh local CA).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
     resume: Annotated[str | None, typer.Option(help="Resume this MLflow run after its last completed round (run config resume).")] = None,
+    data: Annotated[list[str], typer.Option("--data", help="A plant's own data: PLANT_ID=DIR (repeatable; --plants then "
+                                            "follows). Read, never written. Without it: demo data.")] = [],  # noqa: B006
 ) -> None:
     """Start MLflow, a SuperLink and N plant SuperNodes on 127.0.0.1, train, and stop them all."""
     from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
@@ -72,9 +76,10 @@ def federate(
         overrides["resume"] = resume
     try:
         settings = FederationSettings(
-            app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=plants, run_overrides=overrides,  # type: ignore[arg-type]
+            app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=len(data) if data else plants, run_overrides=overrides,  # type: ignore[arg-type]
             examples_per_plant=examples_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
             keep_mlflow=keep_mlflow, warm=warm, tracking_uri=tracking_uri, max_epsilon=max_epsilon, insecure=insecure,
+            data=_parse_data(data),
         )
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, "options")) from None
@@ -86,10 +91,45 @@ def federate(
         console.print(f"privacy ledger {line}")
     for line in result.release:
         console.print(line)
+    if result.plants:
+        console.print(_plants_table(result.plants))
     if json_out is not None:
         from maxfl.atomic import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(result.__dict__, indent=2))
+    if result.gate == "failed":
+        from maxfl.errors import GateFailed
+
+        raise GateFailed(f"the model did not pass the gate, so nothing new was released ({result.gate_summary}); see {result.mlflow_url}")
+
+
+def _plants_table(rows: list[dict]) -> Table:
+    """Per plant: this run's model scored on its held-out split, the epsilon spent, what its edge serves."""
+    from maxfl.local.federation import HEADLINE_METRICS
+
+    metrics = [m for m in HEADLINE_METRICS if any(m in r for r in rows)]
+    table = Table("plant", *(m.removeprefix("eval_") for m in metrics), "epsilon (run / lifetime)", "edge serves", box=box.SIMPLE,
+                  title="this run's model at each plant (held-out split)")
+    for r in rows:
+        eps = " / ".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("epsilon_run", "epsilon_lifetime"))
+        table.add_row(r["plant"], *("-" if m not in r else f"{r[m]:.3f}" for m in metrics), eps, r.get("served") or "-")
+    return table
+
+
+def _parse_data(items: list[str]) -> dict[str, Path]:
+    """`--data PLANT=DIR` items: each plant once, each folder an existing directory."""
+    found: dict[str, Path] = {}
+    for item in items:
+        plant, sep, folder = item.partition("=")
+        if not sep or not plant or not folder:
+            raise ConfigError(f"--data {item!r}: give PLANT_ID=DIR, e.g. --data plant-a=/srv/data/plant-a")
+        if plant in found:
+            raise ConfigError(f"--data: plant {plant!r} is given twice; give each plant once")
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"--data {plant}={folder}: no such folder; give the folder with the plant's manifest.toml and data")
+        found[plant] = path
+    return found
 
 
 def _task(name: str) -> Task:

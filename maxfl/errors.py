@@ -34,3 +34,9 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         parts.append(f"'{field}'{shown}: {err['msg'].removeprefix('Value error, ')}")
     return f"invalid {source}: " + "; ".join(parts)
+
+
+class GateFailed(UserError):
+    """The run trained, but its model did not pass the federated evaluation gate: nothing new was released."""
+
+    exit_code = 5

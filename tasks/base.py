@@ -176,6 +176,19 @@ class SchemaMismatch(DataError):
         super().__init__(f"plants disagree on the data schema, fix their manifests before training: {listed}")
 
 
+def schema_fingerprint(profiles: Mapping[str, DataProfile]) -> str:
+    """SHA-256 of what the plants agreed the data is: the task, its schema and the label vocabulary. Two runs with
+    the same fingerprint train models that answer the same question on the same kind of rows or images, so one's
+    champion is the other's reference; another fingerprint is other data (fl_server.release)."""
+    import hashlib
+    import json
+
+    first = profiles[min(profiles)]
+    labels = sorted({label for prof in profiles.values() for label, n in (prof.label_counts_or_none() or {}).items() if n > 0})
+    blob = json.dumps({"task": first.task, "schema": first.schema_, "labels": labels}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 class LabelMismatch(DataError):
     """A plant has labels no other plant has (another spelling, another coding): named with both vocabularies."""
 

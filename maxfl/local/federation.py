@@ -14,8 +14,10 @@ connected to the SuperLink directly (no proxy: nothing to protect without TLS an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -27,6 +29,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +37,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fl_client.config import PlantConfig
+from fl_client.config import PLANT_ID_PATTERN, PlantConfig
 from fl_client.join import (
     PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, NotRegisteredError, keygen, node_id_from_log, not_registered_message, prepare_join,
     rejected_by_superlink, supernode_argv, warm_exec_argv,
@@ -91,12 +94,30 @@ class FederationSettings(BaseModel):
     # No TLS, no SuperNode authentication (`maxfl federate --insecure`): the old plain-HTTP demo. Deployment mode
     # is otherwise TLS + node authentication; simulation mode has no SuperNodes and stays insecure on loopback.
     insecure: bool = False
+    # The plants' own data (`--data PLANT=DIR`): plant id -> its folder, read and never written. Empty: demo data.
+    data: dict[str, Path] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _ceilings_need_real_plants(self) -> FederationSettings:
-        if (self.ceilings or self.ledger_dir or self.fault_drills) and self.mode == "simulation":
-            raise ValueError("per-plant ceilings, ledger folders and fault drills need deployment mode (virtual plants take them from the run config's sim-* keys)")
+        if (self.ceilings or self.ledger_dir or self.fault_drills or self.data) and self.mode == "simulation":
+            raise ValueError("own data (--data), per-plant ceilings, ledger folders and fault drills need deployment mode "
+                             "(virtual plants take demo data and the run config's sim-* keys)")
+        if bad := [p for p in self.data if not re.fullmatch(PLANT_ID_PATTERN, p)]:
+            raise ValueError(f"--data plant id {bad[0]!r}: lower-case letters, digits, '-' and '_' (e.g. plant-a=/data/plant-a)")
         return self
+
+    @property
+    def plant_ids(self) -> list[str]:
+        return sorted(self.data) if self.data else [f"plant-{k}" for k in range(1, self.plants + 1)]
+
+
+def folder_digest(folder: Path) -> str:
+    """Every file's path, size and modification time below `folder`: it changes when anyone edits, adds or removes one."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -108,6 +129,16 @@ class FederationResult:
     status: str
     privacy: list[str]  # per plant, what its ledger says it has spent
     release: list[str]  # the gate's verdict, the champion, and what each plant's edge server serves
+    gate: str = ""  # passed | failed ("" when nothing was gated)
+    gate_summary: str = ""  # why, in one line
+    # Per plant: its scores of this run's model on its held-out split (the gate's evaluation), the epsilon the run
+    # spent there and in the data set's lifetime, and the version its edge server serves now.
+    plants: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+# The scores `maxfl federate` shows per plant, where the task reports them (the gate's metric is always shown).
+HEADLINE_METRICS = ("eval_macro_f1", "eval_auroc", "eval_accuracy", "eval_detection_at_5pct_false_alarms", "eval_false_alarm_rate",
+                    "eval_r2", "eval_rmse")
 
 
 def privacy_summary(plant: PlantConfig) -> str:
@@ -169,29 +200,75 @@ class LocalFederation:
         return self.s.mode == "deployment" and not self.s.insecure
 
     # ---------------------------------------------------------------- steps
+    @property
+    def plants_root(self) -> Path:
+        """The plants' side of the launch: demo data (plant-1, ...), ledgers, edge stores, audit logs."""
+        return self.work / "plants"
+
     def prepare_data(self, task_name: str, seed: int) -> list[PlantConfig]:
-        root = self.work / "plants"
-        marker = root / "split.json"
-        wanted = {"task": task_name, "plants": self.s.plants, "seed": seed, "examples-per-plant": self.s.examples_per_plant}
-        if not (marker.is_file() and json.loads(marker.read_text()) == wanted):
-            self.echo(f"preparing {task_name} data for {self.s.plants} plants under {root}")
-            get_task(task_name).prepare_plants(self.s.plants, root, seed, self.s.examples_per_plant)
-            atomic_write_text(marker, json.dumps(wanted))
+        """Each plant's node config: its own folder (`data`), else demo data that maxfl writes and owns."""
+        root = self.plants_root
+        folders = {pid: Path(d).expanduser().resolve() for pid, d in self.s.data.items()} or self._demo_data(task_name, seed)
         from fl_client.app_policy import fab_hash
 
         # The demo plants run exactly the app `flwr run` will submit from app_dir (simulation has no executor).
         app_hash = self.app_hash = fab_hash(self.s.app_dir) if self.s.mode == "deployment" else None
         plants = [
-            PlantConfig(plant_id=f"plant-{k}", data_dir=root / f"plant-{k}", max_epsilon=self.s.ceilings.get(f"plant-{k}", self.s.max_epsilon),
-                        allowed_apps=app_hash, audit_log=root / "audit" / f"plant-{k}.jsonl",
-                        delta=self.s.delta, ledger=(self.s.ledger_dir or root / "ledgers") / f"plant-{k}.json",
-                        edge_store=root / "edge" / f"plant-{k}", fault_drill=self.s.fault_drills.get(f"plant-{k}", "none"))
-            for k in range(1, self.s.plants + 1)
+            PlantConfig(plant_id=pid, data_dir=folder, max_epsilon=self.s.ceilings.get(pid, self.s.max_epsilon),
+                        allowed_apps=app_hash, audit_log=root / "audit" / f"{pid}.jsonl",
+                        delta=self.s.delta, ledger=self.ledger_dir / f"{pid}.json",
+                        edge_store=root / "edge" / pid, fault_drill=self.s.fault_drills.get(pid, "none"))
+            for pid, folder in sorted(folders.items())
         ]
         for plant in plants:
             if not plant.data_dir.is_dir() or not any(plant.data_dir.iterdir()):
-                raise DataError(f"{plant.plant_id}: data location {plant.data_dir} is missing or empty; delete {marker} to re-create it")
+                hint = f"give a folder with the plant's data (--data {plant.plant_id}=DIR)" if self.s.data else f"delete {root / 'split.json'} to re-create it"
+                raise DataError(f"{plant.plant_id}: data location {plant.data_dir} is missing or empty; {hint}")
         return plants
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.s.ledger_dir or self.plants_root / "ledgers"
+
+    def _demo_data(self, task_name: str, seed: int) -> dict[str, Path]:
+        """The task's demo split under <workdir>/plants/plant-k, made once per task, plants, seed and size.
+
+        Only folders maxfl wrote and nobody changed since are ever replaced: a folder that is not maxfl's demo data
+        (someone copied their own data there, or edited it) stops the launch, with the flag that takes it as it is.
+        """
+        root = self.plants_root
+        marker = root / "split.json"
+        wanted = {"task": task_name, "plants": self.s.plants, "seed": seed, "examples-per-plant": self.s.examples_per_plant}
+        recorded = json.loads(marker.read_text()) if marker.is_file() else {}
+        dirs = {pid: root / pid for pid in self.s.plant_ids}
+        if {k: recorded.get(k) for k in wanted} != wanted:
+            written = recorded.get("folders")  # absent in markers of maxfl before 0.4: those folders are maxfl's
+            for folder in sorted(root.glob("plant-*")):
+                if folder.is_dir() and any(folder.iterdir()) and written is not None and written.get(folder.name) != folder_digest(folder):
+                    raise DataError(f"{folder} is not maxfl's demo data (it changed since maxfl wrote it), so it is never replaced: to train "
+                                    f"on it, move it out of {root} and pass --data {folder.name}=DIR; or use another --workdir")
+            self.echo(f"preparing {task_name} data for {self.s.plants} plants under {root}")
+            get_task(task_name).prepare_plants(self.s.plants, root, seed, self.s.examples_per_plant)
+            atomic_write_text(marker, json.dumps({**wanted, "folders": {pid: folder_digest(d) for pid, d in dirs.items()}}))
+        return dirs
+
+    def check_own_data(self, cfg: RunConfig) -> None:
+        """Own data, before any process starts: every plant's folder profiles as the task reads it, the plants agree
+        on the schema and the labels (what the anchor checks again before training); warnings are shown."""
+        from tasks.base import check_labels
+
+        task = get_task(cfg.task)
+        profiles = {}
+        for plant in self.plants:
+            try:
+                profiles[plant.plant_id] = task.profile(plant.data_dir, cfg.seed)
+            except UserError as exc:
+                raise DataError(f"{plant.plant_id} ({plant.data_dir}): {exc}") from None
+        task.make_spec(profiles, TaskOptions(model=cfg.model, image_size=cfg.image_size))
+        for warning in check_labels(profiles):
+            self.echo(f"warning: {warning}")
+        summary = ", ".join(f"{p} {prof.examples}" for p, prof in sorted(profiles.items()))
+        self.echo(f"own data: {len(profiles)} plants agree on the {cfg.task} schema and labels (training examples: {summary})")
 
     def reserve_port(self, wanted: int | None = None, what: str = "", flag: str = "") -> int:
         """A port for one of our servers; distinct from the ones already handed out in this launch."""
@@ -276,7 +353,7 @@ class LocalFederation:
         self.procs.start("superexec", argv, {**self.env, AUDIT_ENV: str(self.audit_log)})
 
     def node_home(self, plant: PlantConfig) -> Path:
-        return plant.data_dir.parent.parent / "nodes" / plant.plant_id
+        return self.work / "nodes" / plant.plant_id
 
     def join_kits(self, plants: list[PlantConfig]) -> dict[str, Path]:
         """Each plant's key (made once, kept under its node home) registered with the SuperLink; their join kits.
@@ -423,7 +500,7 @@ class LocalFederation:
 
     def _threads_per_plant(self) -> int:
         """Plants on one machine share its cores: oversubscribed torch threads slow every plant down."""
-        return max(1, (os.cpu_count() or 1) // self.s.plants)
+        return max(1, (os.cpu_count() or 1) // len(self.s.plant_ids))
 
     def write_cli_config(self, superlink: str) -> Path:
         """The Flower CLI config `flwr run`/`maxfl model push` use: the Control API over TLS verified with the CA."""
@@ -509,7 +586,13 @@ class LocalFederation:
         proxy_port = self.reserve_port(self.s.proxy_port, "the proxy", "proxy_port") if self.secure else None
         if self.secure:
             caddy_binary()  # missing: one line naming the package, before any process starts
+        if cfg.privacy == "none" and self.s.mode == "deployment" and (finite := sorted(
+                {self.s.ceilings.get(p, self.s.max_epsilon) for p in self.s.plant_ids} - {math.inf})):
+            raise ConfigError(f"run config privacy=none trains without differential privacy, and a plant with a finite ceiling "
+                              f"(max-epsilon {finite[0]:g}) refuses that: pass --max-epsilon inf for plants that allow it")
         self.plants = self.prepare_data(cfg.task, cfg.seed)
+        if self.s.data:
+            self.check_own_data(cfg)
         try:
             if self.s.tracking_uri:
                 self.tracking_uri = self.s.tracking_uri.rstrip("/")
@@ -525,7 +608,7 @@ class LocalFederation:
                 self.echo(f"proxy for plants (Fleet API only): {self.plants_address}")
             # The anchor's audit log persists across launches, like its MLflow store (the demo CA does not).
             # The anchor's record of the plants' privacy spend sits beside the demo ledgers: deleting them resets both sides.
-            watch = (self.s.ledger_dir or self.plants[0].data_dir.parent / "ledgers") / "anchor-privacy-watch.json"
+            watch = self.ledger_dir / "anchor-privacy-watch.json"
             self.base_overrides = {**self.s.run_overrides, "tracking-uri": self.tracking_uri, "audit-log": str(self.audit_log),
                                    "privacy-watch": str(watch)}
             if self.secure:  # replies are attributed by node id -> registered key -> plant (fl_server.identity)
@@ -601,11 +684,42 @@ class LocalFederation:
             raise ProcessError(f"Flower run {run_id} ({status}) left no MLflow run in experiment '{cfg.experiment_name}'; see {self.work / 'logs'}")
         mlflow_run = runs[0]
         url = f"{self.tracking_uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}"
-        release = self._release_lines(cfg, mlflow_run.data.tags) if cfg.release or cfg.action == "push" else []
+        tags = mlflow_run.data.tags
+        served: dict[str, str] = {}
+        release = self._release_lines(cfg, tags, served) if cfg.release or cfg.action == "push" else []
+        summary = tags.get("maxfl.gate", "")
+        rows = self._plant_rows(client, mlflow_run, served) if cfg.action == "train" else []
         return FederationResult(run_id, mlflow_run.info.run_id, url, self.tracking_uri, status,
-                                [privacy_summary(p) for p in self.plants] if cfg.action == "train" else [], release)
+                                [privacy_summary(p) for p in self.plants] if cfg.action == "train" else [], release,
+                                gate="" if not summary else "passed" if summary.startswith("passed") else "failed", gate_summary=summary,
+                                plants=rows)
 
-    def _release_lines(self, cfg: RunConfig, tags: dict[str, str]) -> list[str]:
+    def _plant_rows(self, client: Any, mlflow_run: Any, served: dict[str, str]) -> list[dict[str, Any]]:
+        """Per plant: the gate's evaluation of this run's model there, its epsilon, what its edge serves."""
+        import tempfile
+
+        from maxfl.messages import PRIVACY_PREFIX
+
+        scores: dict[str, dict[str, float]] = {}
+        with tempfile.TemporaryDirectory(prefix="maxfl-result-") as tmp:
+            try:
+                table = json.loads(Path(client.download_artifacts(mlflow_run.info.run_id, "gate/evaluation.json", tmp)).read_text())
+            except Exception:  # noqa: BLE001 - no gate in this run (release off): no scores to show
+                table = {"columns": [], "data": []}
+        for values in table.get("data", []):
+            row = dict(zip(table.get("columns", []), values, strict=False))
+            if row.get("model") == "candidate":
+                scores[str(row["plant"])] = {k: float(v) for k, v in row.items() if k in HEADLINE_METRICS and v is not None}
+        metrics = mlflow_run.data.metrics
+        out = []
+        for plant in self.plants:
+            pid = plant.plant_id
+            out.append({"plant": pid, **scores.get(pid, {}),
+                        "epsilon_run": metrics.get(f"{pid}/{PRIVACY_PREFIX}epsilon_run"),
+                        "epsilon_lifetime": metrics.get(f"{pid}/{PRIVACY_PREFIX}epsilon"), "served": served.get(pid, "")})
+        return out
+
+    def _release_lines(self, cfg: RunConfig, tags: dict[str, str], served: dict[str, str]) -> list[str]:
         """The gate's verdict, and what each plant's edge server serves now (once it has the model this run pushed)."""
         from fl_server.registry import Registry
 
@@ -616,7 +730,8 @@ class LocalFederation:
         pushed = champion.version if champion is not None and tags.get("maxfl.gate", "").startswith("passed") else None
         for plant, health in self.wait_for_edge(pushed).items():
             model = health.get("model") or {}
-            serving = f"{model.get('name')} v{model.get('version')}" if model else "no model"
+            variant = f" ({model['variant']})" if model.get("variant") else ""
+            serving = served[plant] = f"{model.get('name')} v{model.get('version')}{variant}" if model else "no model"
             lines.append(f"{plant} edge server {self.edge_urls[plant]} serves {serving}")
         return lines
 

@@ -20,7 +20,7 @@ def test_gate_metric_defaults_to_macro_f1_for_classifiers_and_r2_for_regression(
 
 def test_lineage_names_run_plants_privacy_data_and_the_exact_bytes():
     tracker = SimpleNamespace(
-        run_id="abc", git_commit="deadbeef", fingerprints={"plant-1": "f" * 64, "plant-2": "e" * 64},
+        run_id="abc", git_commit="deadbeef", fingerprints={"plant-1": "f" * 64, "plant-2": "e" * 64}, schema="5" * 64,
         latest={"plant-1/dp_epsilon_run": 2.9, "plant-1/dp_epsilon": 5.8, "plant-2/dp_epsilon_run": 3.0, "plant-2/dp_epsilon": 3.0},
     )
     cfg = RunConfig(num_server_rounds=7)
@@ -30,6 +30,7 @@ def test_lineage_names_run_plants_privacy_data_and_the_exact_bytes():
     assert tags["maxfl.plants"] == "plant-1,plant-2" and tags["maxfl.privacy"] == "dp-sgd target-epsilon=3"
     assert (tags["maxfl.epsilon.plant-1"], tags["maxfl.epsilon-lifetime.plant-1"]) == ("2.9000", "5.8000")
     assert tags["maxfl.data.plant-2"] == "e" * 64 and tags["maxfl.onnx.sha256"] == "0" * 64
+    assert tags["maxfl.schema"] == "5" * 64  # which later runs' champions this version is the reference for
     assert tags["maxfl.gate"] == "passed" and tags["mlflow.source.git.commit"] == "deadbeef"
     assert '"plant":"plant-1"' in tags["maxfl.metrics"]
     no_dp = lineage_tags(RunConfig(privacy="none"), SimpleNamespace(**{**tracker.__dict__, "latest": {}}), 42, ["plant-1"], "0" * 64, report)

@@ -164,3 +164,21 @@ def test_a_model_that_cannot_be_exported_is_refused_before_anything_starts_when_
     result = _maxfl("federate", "--workdir", str(tmp_path / "w"), "--set", "model=scatnet")
     _assert_one_line_error(result, "cannot be exported to ONNX", "release=false")
     assert not (tmp_path / "w" / "plants").exists()  # nothing was prepared or started
+
+
+def test_privacy_none_against_finite_ceilings_is_one_line_naming_the_flag_before_anything_starts(tmp_path):
+    result = _maxfl("federate", "--set", "privacy=none", "--workdir", str(tmp_path / "w"))
+    _assert_one_line_error(result, "privacy=none", "max-epsilon 10", "--max-epsilon inf")
+    assert not (tmp_path / "w" / "plants").exists()
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    (["plant-a"], "give PLANT_ID=DIR"),
+    (["plant-a=/nowhere/at/all"], "no such folder"),
+    (["Plant A=."], "plant id 'Plant A'"),
+])
+def test_bad_own_data_options_are_one_line_before_anything_starts(tmp_path, data, needle):
+    args = [a for item in data for a in ("--data", item)]
+    result = _maxfl("federate", *args, "--workdir", str(tmp_path / "w"))
+    _assert_one_line_error(result, needle)
+    assert not (tmp_path / "w").exists()
