@@ -1,7 +1,7 @@
 """Edge server latency and throughput on this CPU: a real `maxfl edge serve` process per model, over HTTP.
 
-Each task's default model (defect: DefectCNN; process: ProcessCNN under the spec a real TEP plant's profile
-gives) is exported to ONNX, installed with a proper ReleaseManifest into a temporary edge store, and served by
+Each task's default model (defect: DefectCNN; process: its default model under the spec a real TEP plant's
+profile gives) is exported to ONNX, installed with a proper ReleaseManifest into a temporary edge store, and served by
 its own server process (`python -m edge.cli serve`, onnxruntime with one intra-op thread), one model at a time.
 Inputs are real: ELPV cell images (300x300 grey, sent as PNG files) and windows of a simulated TEP plant's
 recording (20 samples x 53 variables). The client (httpx, keep-alive) runs on the same machine as the server,
@@ -115,7 +115,8 @@ def prepare(tmp: Path, defect_model: str = "effnet-lite0") -> tuple[PlantConfig,
             "instances": pngs[:1],
         },
         "maxfl-process": {
-            "spec": f"ProcessCNN (cnn1d), {process_spec.num_classes} classes, input {process_spec.variables}x{process_spec.window}",
+            "spec": f"{type(process.build_model(process_spec)).__name__} ({process_spec.model}), {process_spec.num_classes} classes, "
+                    f"input {process_spec.variables}x{process_spec.window}",
             "input": f"TEP window, {window} samples x {process_spec.variables} variables (JSON)",
             "single": {"JSON window": body(windows[:1])},
             "batch": lambda n: body(windows[:n]),

@@ -11,6 +11,10 @@ the model that plant serves. Served vs local per plant: the difference in macro-
 interval over the plant's test records.
 
     .venv/bin/python experiments/joining_pays.py --seeds 42,43,44
+    .venv/bin/python experiments/joining_pays.py --task process --model stats --seeds 42,43,44 --rounds 5 --local-epochs 5 --learning-rate 0.2
+
+For the process task every score also has the task's detection figures (detection where the alarm limit lets through
+at most 5% false alarms, detection and false alarms at the spec's limit, detection per fault).
 
 Prints a table, writes experiments/results/joining-pays-<task>.json and updates experiments/results/headline.json
 (mean, sd, seeds, command and git commit per headline figure).
@@ -39,6 +43,7 @@ from maxfl.local.federation import FederationSettings, LocalFederation, find_app
 from tasks import get_task
 from tasks.base import PlantData, Task, TaskOptions, TaskSpec, TrainSettings
 from tasks.classification import classification_metrics, predict_logits
+from tasks.process.task import detection_metrics
 
 RESULTS = Path(__file__).parent / "results"
 DELTA = 1e-5
@@ -62,11 +67,18 @@ def train_local(task: Task, spec: TaskSpec, data: PlantData, plant: str, args: a
     return model
 
 
-def scored(models: dict[str, torch.nn.Module], datas: dict[str, PlantData], num_classes: int) -> dict[str, dict[str, float]]:
+def _metrics(logits: torch.Tensor, y: torch.Tensor, spec: TaskSpec) -> dict[str, float]:
+    out = classification_metrics(logits, y, spec.num_classes)
+    if spec.task == "process":  # fault detection: alarms where the model gives normal operation little probability
+        out |= detection_metrics(logits.softmax(1), y, spec)
+    return out
+
+
+def scored(models: dict[str, torch.nn.Module], datas: dict[str, PlantData], spec: TaskSpec) -> dict[str, dict[str, float]]:
     """Each plant's test split scored by its own model, and all test records pooled, each by its plant's model."""
     logits = {p: predict_logits(models[p], d.x_test) for p, d in datas.items()}
-    out = {p: classification_metrics(logits[p], d.y_test, num_classes) for p, d in datas.items()}
-    out["pooled"] = classification_metrics(torch.cat(list(logits.values())), torch.cat([d.y_test for d in datas.values()]), num_classes)
+    out = {p: _metrics(logits[p], d.y_test, spec) for p, d in datas.items()}
+    out["pooled"] = _metrics(torch.cat(list(logits.values())), torch.cat([d.y_test for d in datas.values()]), spec)
     return out
 
 
@@ -77,14 +89,16 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     anchor = LocalFederation(FederationSettings(app_dir=find_app_dir(), workdir=seed_dir, plants=args.plants,
                                                 examples_per_plant=args.examples_per_plant))
     try:
+        started = time.perf_counter()
         plants = anchor.prepare_data(args.task, seed)
+        prepare_s = time.perf_counter() - started  # includes simulating any recording not yet cached
         spec = task.make_spec({p.plant_id: task.profile(p.data_dir, seed) for p in plants}, TaskOptions(model=args.model))
         datas = {p.plant_id: task.load_plant_data(p.data_dir, seed, spec) for p in plants}
         uri = anchor.start_mlflow(anchor.reserve_port())
         started = time.perf_counter()
         local = {p: train_local(task, spec, d, p, args) for p, d in datas.items()}
-        timings = {"local_s": time.perf_counter() - started}
-        arms: dict[str, Any] = {"local": {"scores": scored(local, datas, spec.num_classes)}}
+        timings = {"prepare_data_s": prepare_s, "local_s": time.perf_counter() - started}
+        arms: dict[str, Any] = {"local": {"scores": scored(local, datas, spec)}}
         for name, eps in (("eps3", args.epsilon), ("nodp", math.inf)):
             ledgers = seed_dir / "ledgers" / name
             shutil.rmtree(ledgers, ignore_errors=True)  # every arm starts with nothing spent, and the anchor has seen nothing
@@ -94,15 +108,20 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
             started = time.perf_counter()
             model, run_id = federated_model(task, spec, args, seed_dir, uri, privacy=privacy, max_epsilon=eps, delta=DELTA, ledger_dir=ledgers)
             timings[f"{name}_federation_s"] = time.perf_counter() - started
+            arms[f"{name}/global"] = {"scores": scored({p: model for p in datas}, datas, spec), "mlflow_run": run_id}
+            metric = headline_metric(args.task)
+            if args.no_served:
+                print(f"seed {seed} {name}: {metric} global {arms[f'{name}/global']['scores']['pooled'][metric]:.3f}, "
+                      f"local {arms['local']['scores']['pooled'][metric]:.3f}", flush=True)
+                continue
             started = time.perf_counter()
             defaults = task.training_defaults(spec)  # what the deploy handler uses (fl_client.client_app.personalise_release)
             settings = PersonaliseSettings(epochs=5 * defaults.local_epochs, learning_rate=defaults.learning_rate,
                                            folds=defaults.validation_folds, seed=seed)
             choices = {p: choose(task, spec, model, d, "eval_macro_f1", settings) for p, d in datas.items()}
             timings[f"{name}_personalise_s"] = time.perf_counter() - started
-            arms[f"{name}/global"] = {"scores": scored({p: model for p in datas}, datas, spec.num_classes), "mlflow_run": run_id}
             arms[f"{name}/served"] = {
-                "scores": scored({p: c.model for p, c in choices.items()}, datas, spec.num_classes),
+                "scores": scored({p: c.model for p, c in choices.items()}, datas, spec),
                 "variants": {p: c.variant for p, c in choices.items()},
                 "validation": {p: c.scores for p, c in choices.items()},
                 "served_minus_local_macro_f1": {
@@ -110,12 +129,22 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
                     for p, d in datas.items()
                 },
             }
-            print(f"seed {seed} {name}: global {arms[f'{name}/global']['scores']['pooled']['eval_macro_f1']:.3f}, "
-                  f"served {arms[f'{name}/served']['scores']['pooled']['eval_macro_f1']:.3f} "
+            print(f"seed {seed} {name}: {metric} global {arms[f'{name}/global']['scores']['pooled'][metric]:.3f}, "
+                  f"served {arms[f'{name}/served']['scores']['pooled'][metric]:.3f}, local {arms['local']['scores']['pooled'][metric]:.3f} "
                   f"({', '.join(f'{p} {c.variant}' for p, c in choices.items())})", flush=True)
-        return {"seed": seed, "arms": arms, "timings_s": timings, "records": {p: [len(d.y_train), len(d.y_test)] for p, d in datas.items()}}
+        # training records: all, and those DP-SGD samples from (records that share no raw sample); test records
+        records = {p: [len(d.y_train), len(d.private_records()), len(d.y_test)] for p, d in datas.items()}
+        return {"seed": seed, "arms": arms, "timings_s": timings, "records": records}
     finally:
         anchor.procs.stop_all()
+
+
+PROCESS_METRICS = ("eval_detection_at_5pct_false_alarms", "eval_detection_rate", "eval_false_alarm_rate")
+
+
+def headline_metric(task: str) -> str:
+    """What a plant of this task cares about most: detection at <= 5% false alarms for a process, macro-F1 otherwise."""
+    return PROCESS_METRICS[0] if task == "process" else "eval_macro_f1"
 
 
 def summary(seeds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -123,38 +152,70 @@ def summary(seeds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     def stat(values: list[float]) -> dict[str, float]:
         return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
+    pooled = seeds[0]["arms"]["local"]["scores"]["pooled"]
+    metrics = ("eval_macro_f1", "eval_auroc", *(m for m in PROCESS_METRICS if m in pooled))
     out: dict[str, dict[str, float]] = {}
     for arm in seeds[0]["arms"]:
-        for metric in ("eval_macro_f1", "eval_auroc"):
+        for metric in metrics:
             out[f"{arm}/pooled/{metric}"] = stat([s["arms"][arm]["scores"]["pooled"][metric] for s in seeds])
-    for arm in ("eps3/served", "nodp/served"):
+        for metric in sorted(k for k in pooled if k.startswith("eval_detection_idv")):  # per fault, pooled
+            out[f"{arm}/pooled/{metric}"] = stat([s["arms"][arm]["scores"]["pooled"].get(metric, math.nan) for s in seeds])
+    for arm in (a for a in ("eps3/served", "nodp/served") if a in seeds[0]["arms"]):
         below = [sum(s["arms"][arm]["scores"][p]["eval_macro_f1"] < s["arms"]["local"]["scores"][p]["eval_macro_f1"]
                      for p in s["records"]) for s in seeds]
         out[f"{arm}/plants_below_local"] = stat([float(b) for b in below])
     return out
 
 
-def table(seeds: list[dict[str, Any]]) -> str:
-    lines = ["| seed | arm | pooled macro-F1 | pooled AUROC | per plant macro-F1 |", "|---|---|---|---|---|"]
+def table(seeds: list[dict[str, Any]], metric: str = "eval_macro_f1") -> str:
+    name = metric.removeprefix("eval_")
+    lines = [f"| seed | arm | pooled {name} | pooled macro-F1 | pooled AUROC | per plant {name} |", "|---|---|---|---|---|---|"]
     for s in seeds:
         for arm, result in s["arms"].items():
-            per = " / ".join(f"{result['scores'][p]['eval_macro_f1']:.3f}" for p in s["records"])
+            per = " / ".join(f"{result['scores'][p][metric]:.3f}" for p in s["records"])
             pooled = result["scores"]["pooled"]
-            lines.append(f"| {s['seed']} | {arm} | {pooled['eval_macro_f1']:.3f} | {pooled['eval_auroc']:.3f} | {per} |")
+            lines.append(f"| {s['seed']} | {arm} | {pooled[metric]:.3f} | {pooled['eval_macro_f1']:.3f} | {pooled['eval_auroc']:.3f} | {per} |")
     return "\n".join(lines)
 
 
-def update_headline(values: dict[str, tuple[dict[str, float], list[int]]], command: str, commit: str) -> None:
+def update_headline(values: dict[str, tuple[dict[str, float], list[int]]], command: str, commit: str, note: str = "") -> None:
     """Merge this script's figures into headline.json; other scripts' keys are kept."""
     headline = json.loads(HEADLINE.read_text()) if HEADLINE.is_file() else {}
     for key, (stat, seeds) in values.items():
-        headline[key] = {"mean": stat["mean"], "sd": stat["sd"], "seeds": seeds, "command": command, "commit": commit}
+        headline[key] = {"mean": stat["mean"], "sd": stat["sd"], "seeds": seeds, "command": command, "commit": commit} | ({"note": note} if note else {})
     atomic_write_text(HEADLINE, json.dumps(dict(sorted(headline.items())), indent=2) + "\n")
+
+
+UNRECORDED = ("commit", "note", "resume", "seeds", "workdir")  # bookkeeping: runs that differ only here measure the same thing
+
+
+def resumable(out: Path, recorded: dict[str, str]) -> dict[int, dict[str, Any]]:
+    """The seeds an earlier run wrote to `out` with the same experiment arguments; none if they differ."""
+    if not out.is_file():
+        return {}
+    earlier = json.loads(out.read_text())
+    if {k: v for k, v in earlier.get("args", {}).items() if k not in UNRECORDED} != recorded:
+        print(f"{out} holds a run with other arguments; every seed runs again", flush=True)
+        return {}
+    return {int(s["seed"]): s for s in earlier.get("seeds", [])}
+
+
+def recorded_arguments(argv: list[str]) -> list[str]:
+    """The command line without --commit, --note and --resume (bookkeeping, not the experiment), in either spelling."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--commit", "--note"):
+            skip = True
+        elif arg != "--resume" and not arg.startswith(("--commit=", "--note=")):
+            kept.append(arg)
+    return kept
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="defect", choices=["defect", "images"])
+    parser.add_argument("--task", default="defect", choices=["defect", "images", "process"])
     parser.add_argument("--model", default="", help="the task's model (default: its first, effnet-lite0)")
     parser.add_argument("--plants", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
@@ -168,21 +229,35 @@ def main() -> None:
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--examples-per-plant", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=Path(".maxfl-bench"))
+    parser.add_argument("--commit", default="", help="the commit to record (default: git rev-parse HEAD here; for runs from a copy of the tree)")
+    parser.add_argument("--no-served", action="store_true",
+                        help="score the federated model as released only, without the plants' personalisation (the served arm)")
+    parser.add_argument("--resume", action="store_true", help="keep the seeds the results file already holds for the same arguments")
+    parser.add_argument("--note", default="", help="recorded with the results and headline figures (e.g. uncommitted changes in the tree)")
     args = parser.parse_args()
-    command = "python experiments/joining_pays.py " + " ".join(sys.argv[1:])
-    commit = git_commit()
+    command = "python experiments/joining_pays.py " + " ".join(recorded_arguments(sys.argv[1:]))
+    commit = args.commit or git_commit()
     work = (args.workdir / f"joining-pays-{args.task}").resolve()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through each seed's cleanup
     seed_list = [int(s) for s in args.seeds.split(",")]
-    seeds = [one_seed(args, seed, work) for seed in seed_list]
-    stats = summary(seeds)
-    print(table(seeds))
-    for key, stat in stats.items():
-        print(f"{key}: {stat['mean']:.3f} +- {stat['sd']:.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"joining-pays-{args.task}.json"
-    atomic_write_text(out, json.dumps({"command": command, "commit": commit, "args": {k: str(v) for k, v in vars(args).items()},
-                                       "summary": stats, "seeds": seeds}, indent=2, default=str) + "\n")
+    recorded = {k: str(v) for k, v in vars(args).items() if k not in UNRECORDED}
+    done = resumable(out, recorded) if args.resume else {}
+    seeds: list[dict[str, Any]] = []
+    for seed in seed_list:
+        if seed in done:
+            print(f"seed {seed}: kept from {out} ({done[seed].get('command', 'an earlier run')})", flush=True)
+            seeds.append(done[seed])
+            continue
+        seeds.append(one_seed(args, seed, work) | {"command": command, "commit": commit})
+        # written after every seed, so a long run that stops keeps what it measured (--resume picks it up)
+        atomic_write_text(out, json.dumps({"command": command, "commit": commit, "note": args.note, "args": recorded,
+                                           "summary": summary(seeds), "seeds": seeds}, indent=2, default=str) + "\n")
+    stats = summary(seeds)
+    print(table(seeds, headline_metric(args.task)))
+    for key, stat in stats.items():
+        print(f"{key}: {stat['mean']:.3f} +- {stat['sd']:.3f}")
     if args.task == "defect":
         update_headline({
             "defect_eps3_served_macro_f1": (stats["eps3/served/pooled/eval_macro_f1"], seed_list),
@@ -190,6 +265,13 @@ def main() -> None:
             "defect_eps3_plants_below_local": (stats["eps3/served/plants_below_local"], seed_list),
             "defect_nodp_best_macro_f1": (stats["nodp/served/pooled/eval_macro_f1"], seed_list),
         }, command, commit)
+    if args.task == "process":
+        update_headline({
+            "process_eps3_detection_at_5pct_fa": (stats["eps3/global/pooled/eval_detection_at_5pct_false_alarms"], seed_list),
+            "process_nodp_detection_at_5pct_fa": (stats["nodp/global/pooled/eval_detection_at_5pct_false_alarms"], seed_list),
+            "process_local_detection_at_5pct_fa": (stats["local/pooled/eval_detection_at_5pct_false_alarms"], seed_list),
+        } | ({"process_eps3_served_detection_at_5pct_fa": (stats["eps3/served/pooled/eval_detection_at_5pct_false_alarms"], seed_list)}
+             if "eps3/served/pooled/eval_detection_at_5pct_false_alarms" in stats else {}), command, commit, args.note)
     print(f"wrote {out} and {HEADLINE}")
 
 

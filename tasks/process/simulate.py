@@ -2,7 +2,8 @@
 
 A plant's private data is a recording of its own process (one operating mode, its own noise) in
 two splits, train and test. Each split has one fault-free run and, per fault, one run that starts
-in normal operation and switches the fault on. Samples carry the 41 measurements and the 12
+in normal operation and switches the fault on; the training split can hold several such repeats
+(`train_repeats`, each with its own noise): the plant's longer history. Samples carry the 41 measurements and the 12
 implemented manipulated variables, a label (0 normal, else the IDV number) and a run id, so that
 time windows are never cut across two runs.
 
@@ -69,6 +70,10 @@ class PlantProcessSpec(pydantic.BaseModel, frozen=True, extra="forbid"):
     hours_after_fault: float = pydantic.Field(default=10.0, gt=0.0)
     normal_hours: float = pydantic.Field(default=24.0, gt=0.0)
     sample_minutes: float = pydantic.Field(default=3.0, gt=0.0)
+    # History: the training split records the fault-free run and every fault run this many times, each with
+    # its own noise (a plant's months of operation); the test split keeps one of each, so the held-out
+    # recording is the same kind of thing whatever the history.
+    train_repeats: int = pydantic.Field(default=1, ge=1, le=1000)
 
     @pydantic.field_validator("mode")
     @classmethod
@@ -102,6 +107,14 @@ class PlantProcessSpec(pydantic.BaseModel, frozen=True, extra="forbid"):
         """Settling time of the mode: recording starts only once the plant is stationary."""
         return WARMUP_HOURS[self.mode]
 
+    def repeats(self, split: str) -> int:
+        """How many times `split` records the fault-free run and each fault run."""
+        return self.train_repeats if split == "train" else 1
+
+    def runs(self, split: str) -> int:
+        """Runs in `split`: per repeat, the fault-free run then one per fault."""
+        return self.repeats(split) * (1 + len(self.faults))
+
     @property
     def record_every(self) -> int:
         """Control steps per recorded sample."""
@@ -109,8 +122,9 @@ class PlantProcessSpec(pydantic.BaseModel, frozen=True, extra="forbid"):
 
     def fingerprint(self) -> str:
         """SHA-256 over everything that determines the numbers: the spec, warm-up and generator version."""
+        # train_repeats=1 is left out, so recordings made before the field existed keep their fingerprint
         payload = {
-            "spec": self.model_dump(mode="json"),
+            "spec": self.model_dump(mode="json", exclude={"train_repeats"} if self.train_repeats == 1 else None),
             "warmup_hours": self.warmup_hours,
             "control_interval_h": CONTROL_INTERVAL_H,
             "generator_version": GENERATOR_VERSION,
@@ -120,7 +134,8 @@ class PlantProcessSpec(pydantic.BaseModel, frozen=True, extra="forbid"):
 
 @dataclass(frozen=True)
 class ProcessSplit:
-    """One split's samples, runs concatenated in order (run 0 is fault-free, run i the i-th fault)."""
+    """One split's samples, runs concatenated in order: per repeat r (train_repeats of them in the training split,
+    one in the test split), run r * (1 + faults) is fault-free and the i-th fault's run follows it at offset i."""
 
     x: np.ndarray  # float32 (T, 53): 41 measurements then 12 implemented manipulated variables
     label: np.ndarray  # int64 (T,): 0 normal, else the IDV number active at that sample
@@ -267,12 +282,15 @@ def _jobs(spec: PlantProcessSpec, start: SettledPlant | None) -> list[tuple[str,
     """Every run of both splits as (split, run index, job); seeds are derived and all distinct."""
     jobs: list[tuple[str, int, RunJob]] = []
     for split in SPLITS:
-        seed = derive_seed(spec.seed, spec.mode, f"{split}/normal")
-        jobs.append((split, 0, RunJob(spec.mode, seed, spec.normal_hours, 0, 0.0, spec.record_every, start)))
-        for i, fault in enumerate(spec.faults, start=1):
-            hours = spec.hours_before_fault + spec.hours_after_fault
-            seed = derive_seed(spec.seed, spec.mode, f"{split}/idv{fault:02d}")
-            jobs.append((split, i, RunJob(spec.mode, seed, hours, fault, spec.hours_before_fault, spec.record_every, start)))
+        for r in range(spec.repeats(split)):
+            first = r * (1 + len(spec.faults))
+            tag = "" if r == 0 else f"/repeat{r}"  # repeat 0 keeps the seeds recordings had before repeats existed
+            seed = derive_seed(spec.seed, spec.mode, f"{split}/normal{tag}")
+            jobs.append((split, first, RunJob(spec.mode, seed, spec.normal_hours, 0, 0.0, spec.record_every, start)))
+            for i, fault in enumerate(spec.faults, start=1):
+                hours = spec.hours_before_fault + spec.hours_after_fault
+                seed = derive_seed(spec.seed, spec.mode, f"{split}/idv{fault:02d}{tag}")
+                jobs.append((split, first + i, RunJob(spec.mode, seed, hours, fault, spec.hours_before_fault, spec.record_every, start)))
     seeds = [job.seed for _, _, job in jobs] + [derive_seed(spec.seed, spec.mode, "warmup")]
     if len(set(seeds)) != len(seeds):  # astronomically unlikely; never silently share noise
         raise RuntimeError(f"seed collision for plant seed {spec.seed}; choose another seed")
@@ -393,8 +411,8 @@ def load_recording(path: Path) -> ProcessRecording:
         bad = np.setdiff1d(np.unique(label), allowed)
         if bad.size:
             raise DataError(f"{path}: '{split}_label' holds {bad.tolist()}, outside 0 and the spec's faults {list(spec.faults)}")
-        if run.min() < 0 or run.max() > len(spec.faults) or np.any(np.diff(run) < 0):
-            raise DataError(f"{path}: '{split}_run' must be non-decreasing run indices in 0..{len(spec.faults)}")
+        if run.min() < 0 or run.max() >= spec.runs(split) or np.any(np.diff(run) < 0):
+            raise DataError(f"{path}: '{split}_run' must be non-decreasing run indices in 0..{spec.runs(split) - 1}")
         parts[split] = ProcessSplit(x=x, label=label, run=run)
     return ProcessRecording(
         train=parts["train"],

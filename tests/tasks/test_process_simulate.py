@@ -46,7 +46,7 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
 def test_spec_normalises_and_rejects() -> None:
     assert PlantProcessSpec(**{**TINY, "faults": (6, 1)}).faults == (1, 6)
     for bad in ({"mode": "mode7"}, {"faults": ()}, {"faults": (0,)}, {"faults": (29,)}, {"faults": (2, 2)},
-                {"sample_minutes": 1.0}, {"normal_hours": 0.0}, {"unknown": 1}):
+                {"sample_minutes": 1.0}, {"normal_hours": 0.0}, {"train_repeats": 0}, {"unknown": 1}):
         with pytest.raises(pydantic.ValidationError):
             PlantProcessSpec(**{**TINY, **bad})
 
@@ -165,6 +165,7 @@ def test_missing_and_non_npz_files(tmp_path: Path) -> None:
         (lambda a: a["train_x"].__setitem__((3, 5), np.nan), "non-finite"),
         (lambda a: a["test_label"].__setitem__(0, 3), r"holds \[3\]"),
         (lambda a: a.update(spec_json=np.asarray("{}")), "spec_json"),
+        (lambda a: a["test_run"].__setitem__(-1, 3), r"run indices in 0\.\.2"),  # one repeat of 1 + 2 runs
     ],
 )
 def test_malformed_recording(cached: tuple[Path, ProcessRecording], tmp_path: Path, change, message: str) -> None:
@@ -186,3 +187,40 @@ def test_copied_recording_is_readable_elsewhere(cached: tuple[Path, ProcessRecor
     target.parent.mkdir()
     shutil.copy(sim.cache_path(rec.spec, cache_dir), target)
     assert load_recording(target).spec == rec.spec
+
+
+# ---- training history ----------------------------------------------------------------------------
+
+
+def test_history_repeats_only_the_training_runs(cached: tuple[Path, ProcessRecording], tmp_path: Path) -> None:
+    """More history appends training runs with their own noise: the shorter history is its prefix, and the
+    held-out split is the same recording whatever the history."""
+    _, rec = cached
+    longer = generate(PlantProcessSpec(**TINY, train_repeats=2), tmp_path, workers=2)
+    runs = 1 + len(TINY["faults"])
+    first = longer.train.run < runs
+    for name in ("x", "label", "run"):
+        np.testing.assert_array_equal(getattr(longer.train, name)[first], getattr(rec.train, name))
+        np.testing.assert_array_equal(getattr(longer.test, name), getattr(rec.test, name))
+    np.testing.assert_array_equal(np.unique(longer.train.run), np.arange(2 * runs))
+    again = longer.train.run == runs  # the second fault-free run
+    assert np.all(longer.train.label[again] == 0) and again.sum() == (longer.train.run == 0).sum()
+    assert not np.array_equal(longer.train.x[again], longer.train.x[longer.train.run == 0])
+    for offset, fault in enumerate(TINY["faults"], start=1):
+        np.testing.assert_array_equal(np.unique(longer.train.label[longer.train.run == runs + offset]), [0, fault])
+    assert load_recording(sim.cache_path(longer.spec, tmp_path)).spec.train_repeats == 2
+    seeds = [job.seed for _, _, job in sim._jobs(longer.spec, None)]
+    assert len(set(seeds)) == len(seeds) == 3 * runs
+
+
+def test_one_repeat_keeps_the_fingerprint_recordings_had_before_repeats() -> None:
+    """Caches made before train_repeats existed stay valid: the default is left out of the fingerprint."""
+    import hashlib
+    import json
+
+    spec = PlantProcessSpec(**TINY)
+    before = {"spec": {k: v for k, v in spec.model_dump(mode="json").items() if k != "train_repeats"},
+              "warmup_hours": spec.warmup_hours, "control_interval_h": sim.CONTROL_INTERVAL_H, "generator_version": sim.GENERATOR_VERSION}
+    assert spec.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert PlantProcessSpec(**TINY, train_repeats=2).fingerprint() != spec.fingerprint()
+    assert spec.runs("train") == spec.runs("test") == 3 and PlantProcessSpec(**TINY, train_repeats=4).runs("train") == 12

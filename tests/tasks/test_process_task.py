@@ -8,7 +8,8 @@ from maxfl.errors import DataError
 from tasks import get_task
 from tasks.base import DataProfile, SchemaMismatch, TaskOptions, TrainSettings
 from tasks.process.simulate import ProcessSplit
-from tasks.process.task import DETECTABLE_FAULTS, RECORDING_FILE, ProcessSpec, detection_metrics, fault_mix
+from tasks.process.model import ProcessStatsNet, WindowStats
+from tasks.process.task import DETECTABLE_FAULTS, RECORDING_FILE, TRAIN_REPEATS, ProcessSpec, detection_metrics, fault_mix, plant_spec
 from tasks.process.windows import normal_statistics, windows
 
 
@@ -118,3 +119,52 @@ def test_a_corrupt_recording_is_a_data_error(tmp_path):
     (tmp_path / RECORDING_FILE).write_bytes(b"garbage")
     with pytest.raises(DataError, match="not a process recording"):
         get_task("process").profile(tmp_path, 0)
+
+
+def test_demo_plants_keep_a_long_history_and_the_small_demo_stays_small():
+    full = [plant_spec(k, 5, 42, None) for k in range(5)]
+    assert TRAIN_REPEATS > 1 and all(s.train_repeats == TRAIN_REPEATS for s in full)
+    assert all(plant_spec(k, 5, 42, 120).train_repeats == 1 for k in range(5))
+
+
+def test_window_statistics_are_level_spread_trend_recent_level_roughness_and_range():
+    length, variables = 20, 3
+    t = torch.arange(length, dtype=torch.float32)
+    x = torch.stack([torch.full((length,), 2.0), t - t.mean(), torch.where(t < 10, -1.0, 1.0)]).unsqueeze(0)
+    f = WindowStats(length)(x).reshape(WindowStats.STATISTICS, variables)
+    raw = torch.sign(f) * torch.expm1(f.abs())  # undo the signed log1p
+    mean, std, slope, recent, rough, spread = raw
+    torch.testing.assert_close(mean, torch.tensor([2.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std, torch.tensor([0.0, float(t.std(unbiased=False)), 1.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(slope[:2], torch.tensor([0.0, float(length - 1)]), atol=1e-3, rtol=0)  # rise over the window
+    assert slope[2] > 0
+    torch.testing.assert_close(recent, torch.tensor([2.0, float((t[-5:] - t.mean()).mean()), 1.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rough, torch.tensor([0.0, 1.0, 2.0 / (length - 1)]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(spread, torch.tensor([0.0, float(length - 1), 2.0]), atol=1e-4, rtol=0)
+    assert WindowStats(length).state_dict() == {}  # nothing to exchange or train
+
+
+def test_the_default_model_is_a_small_head_dp_sgd_can_train_and_the_edge_can_serve(plant_dirs, spec):
+    from maxfl import onnx_model
+    from privacy.accountant import Mechanism
+    from privacy.dpsgd import DPSGD, check_model
+    from privacy.recipe import recipe_batch_size
+
+    task = get_task("process")
+    assert spec.model == "stats" and task.models[0] == "stats"
+    assert task.training_defaults(spec).local_epochs > 1  # a head: several cheap epochs a round
+    model = task.build_model(spec)
+    assert isinstance(model, ProcessStatsNet)
+    assert sum(p.numel() for p in model.parameters()) == (WindowStats.STATISTICS * spec.variables + 1) * spec.num_classes
+    check_model(model)
+    data = task.load_plant_data(plant_dirs[0], 42, spec)
+    records = len(data.private_records())
+    batch = recipe_batch_size(records)
+    batches = -(-records // batch)
+    settings = TrainSettings(epochs=1, batch_size=batch, learning_rate=0.2, seed=0,
+                             local_training=DPSGD(Mechanism(noise_multiplier=1.0, sample_rate=1 / batches, steps=batches), 1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    task.train(model, data, settings, spec)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    session = onnx_model.session(onnx_model.export(task.deployable(spec, model), task.input_example(spec)))
+    assert onnx_model.max_deviation(session, model, data.x_test[:16].numpy()) < 1e-4
