@@ -99,7 +99,7 @@ def superlink(
         argv = superlink_argv(None, bin_dir, host, listen, database or fed.dir / STATE_DB, superexec_secret=secret)
         console.print(f"SuperLink of '{fed.info.name}' on {plants} (INSECURE)")
         own, ca = f"127.0.0.1:{listen}", None
-        commands.append(("SuperLink", argv, env, lambda: _answers(f"http://{own}/health")))
+        commands.append(("SuperLink", argv, env, lambda: healthy(own, None)))
     else:
         own_host, own_port = split_address(fed.info.control_address)
         own = f"{own_host if is_ip(own_host) else '127.0.0.1'}:{superlink_port or own_port}"
@@ -132,16 +132,6 @@ def superlink(
         commands.append(("ServerApp executor", superexec_argv(bin_dir, own, secret, fed.dir, ca, parent_pid=os.getpid()), env, lambda: True))
     ready = f"ready: plants join at {plants if insecure else fed.info.superlink_address}"
     raise typer.Exit(_foreground(commands, ready))
-
-
-def _answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def _allowed_count(fed) -> int:  # noqa: ANN001 - provision.Federation

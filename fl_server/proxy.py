@@ -236,11 +236,15 @@ def health_url(address: str) -> str:
     return f"https://{f'[{host}]' if ':' in host else host}:{port}{HEALTH_PATH}"
 
 
-def healthy(address: str, ca: Path, timeout_s: float = 2.0) -> bool:
-    """The proxy answers `GET /health` over TLS verified by the CA, with the SuperLink's answer behind it."""
+def healthy(address: str, ca: Path | None, timeout_s: float = 2.0) -> bool:
+    """The proxy (or SuperLink) answers `GET /health` over TLS verified by the CA; `ca=None`: plain HTTP (an
+    insecure demo SuperLink)."""
     import httpx
 
+    url = health_url(address)
     try:
-        return httpx.get(health_url(address), verify=ssl.create_default_context(cafile=str(ca)), timeout=timeout_s).is_success
+        if ca is None:
+            return httpx.get(url.replace("https://", "http://", 1), timeout=timeout_s).is_success
+        return httpx.get(url, verify=ssl.create_default_context(cafile=str(ca)), timeout=timeout_s).is_success
     except httpx.HTTPError:
         return False

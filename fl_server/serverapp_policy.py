@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from maxfl.atomic import atomic_write_text
 from maxfl.audit import AuditLog
 from maxfl.errors import UserError
 
@@ -88,8 +89,6 @@ def allow_serverapp(folder: Path, app: str, audit: AuditLog) -> tuple[str, bool]
     """Add a ServerApp (hash, .fab or app folder) to `folder`'s allowed-serverapps, atomically; audited.
 
     Returns (hash, added): False when it was already allowed. Callers hold the federation's lock."""
-    from maxfl.atomic import atomic_write_text
-
     fab_hash, label = _hash_of(app)
     path = folder / ALLOWED_FILE
     if fab_hash in read_allowed(path):
@@ -102,8 +101,6 @@ def allow_serverapp(folder: Path, app: str, audit: AuditLog) -> tuple[str, bool]
 
 def disallow_serverapp(folder: Path, app: str, audit: AuditLog) -> tuple[str, bool]:
     """Take a ServerApp off `folder`'s allowed-serverapps (its later runs are refused); (hash, removed)."""
-    from maxfl.atomic import atomic_write_text
-
     fab_hash, label = _hash_of(app)
     path = folder / ALLOWED_FILE
     if fab_hash not in read_allowed(path):
