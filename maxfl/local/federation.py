@@ -730,8 +730,8 @@ class LocalFederation:
         pushed = champion.version if champion is not None and tags.get("maxfl.gate", "").startswith("passed") else None
         for plant, health in self.wait_for_edge(pushed).items():
             model = health.get("model") or {}
-            variant = f" ({model['variant']})" if model.get("variant") else ""
-            serving = served[plant] = f"{model.get('name')} v{model.get('version')}{variant}" if model else "no model"
+            serving = f"{model.get('name')} v{model.get('version')}" if model else "no model"
+            served[plant] = serving + (f" ({model['variant']})" if model.get("variant") else "")  # the table says which variant
             lines.append(f"{plant} edge server {self.edge_urls[plant]} serves {serving}")
         return lines
 

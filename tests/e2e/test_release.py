@@ -61,7 +61,10 @@ def _maxfl(*args: str, flwr_home: Path | None = None) -> str:
 
 def test_train_gate_register_push_serve_and_roll_back(tmp_path):
     settings = FederationSettings(
-        app_dir=find_app_dir(), workdir=tmp_path / "work", plants=2, examples_per_plant=80, run_overrides={"num-server-rounds": 1},
+        app_dir=find_app_dir(), workdir=tmp_path / "work", plants=2, examples_per_plant=80,
+        # One DP round on 80 cells may or may not beat a constant answer (DP noise): the trivial-baseline rule is
+        # off here (tests/fl_server/test_gate.py checks it), so the release path is what this test decides.
+        run_overrides={"num-server-rounds": 1, "gate-trivial-margin": -1.0},
     )
     fed = LocalFederation(settings, echo=print)
     with fed:
@@ -77,7 +80,8 @@ def test_train_gate_register_push_serve_and_roll_back(tmp_path):
             assert _predict(fed, plant, png)["model"]["version"] == 1
 
         # a second model the gate refuses: registered as `candidate` with its lineage, never pushed
-        second = fed.submit_run({"gate-margin": 1.0})
+        # (any per-plant regression is tolerated, so the margin is the one reason it fails)
+        second = fed.submit_run({"gate-margin": 1.0, "gate-tolerance": 1.0})
         v2 = registry.version(2)
         assert v2.aliases == [CANDIDATE] and v2.gate == "failed" and "below the margin 1" in v2.gate_summary
         assert registry.champion().version == 1
