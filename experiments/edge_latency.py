@@ -52,6 +52,7 @@ from maxfl.onnx_model import INPUT_NAME, OUTPUT_NAME, export  # noqa: E402
 from maxfl.release import ReleaseManifest, sha256_hex  # noqa: E402
 from tasks import get_task  # noqa: E402
 from tasks.base import TaskOptions, TaskSpec  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results" / "edge-latency.json"
 BATCH_SIZES = (1, 8, 32, 64)
@@ -302,7 +303,7 @@ def main() -> None:
     torch.set_num_threads(1)  # this process is the client; the in-process rows mirror the server's single thread
     result: dict[str, Any] = {"command": " ".join([".venv/bin/python", *[os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]]),
                               "machine": _machine(args.threads), "n": args.requests, "warmup": args.warmup,
-                              "throughput_seconds": args.seconds, "started_at": datetime.now(UTC).isoformat(), "models": {}}
+                              "throughput_seconds": args.seconds, "started_at": datetime.now(UTC).isoformat(), **provenance(), "models": {}}
     with tempfile.TemporaryDirectory(prefix="edge-latency-") as tmp:
         plant, cases = prepare(Path(tmp), args.defect_model)
         store = EdgeStore(plant.edge_store_path())

@@ -28,7 +28,6 @@ import math
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 from baselines import federated_model, paired_bootstrap
+from provenance import git_commit
 
 from fl_client.personalise import PersonaliseSettings, choose
 from maxfl.atomic import atomic_write_text
@@ -48,13 +48,6 @@ from tasks.process.task import detection_metrics
 RESULTS = Path(__file__).parent / "results"
 DELTA = 1e-5
 HEADLINE = RESULTS / "headline.json"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
 
 
 def train_local(task: Task, spec: TaskSpec, data: PlantData, plant: str, args: argparse.Namespace) -> torch.nn.Module:

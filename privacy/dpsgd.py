@@ -32,6 +32,15 @@ from tasks.base import PlantData, TrainSettings
 GradSampleMode = Literal["hooks", "functorch", "ew", "ghost"]
 
 
+def grad_sample_mode_for(model: nn.Module) -> GradSampleMode:
+    """Ghost clipping for a model of linear layers (a head on frozen features): each record's gradient norm comes
+    from its activations and output gradients, so the B x weights per-record gradients are never materialised,
+    which is most of a small head's DP cost (experiments/dp_cost.py). Per-record hooks otherwise: for the
+    convolutional models they measured faster."""
+    trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return "ghost" if trainable and all(isinstance(m, nn.Linear) for m in trainable) else "hooks"
+
+
 class PrivacyError(UserError):
     """DP-SGD did not run as recorded in the ledger; the update must not leave the plant."""
 
@@ -51,10 +60,11 @@ def check_model(model: nn.Module) -> None:
 class DPSGD:
     """One round of DP-SGD with the mechanism the plant's ledger already recorded."""
 
-    def __init__(self, mechanism: Mechanism, max_grad_norm: float, grad_sample_mode: GradSampleMode = "hooks") -> None:
+    def __init__(self, mechanism: Mechanism, max_grad_norm: float, grad_sample_mode: GradSampleMode | Literal["auto"] = "auto") -> None:
         self.mechanism = mechanism
         self.max_grad_norm = max_grad_norm
-        self.grad_sample_mode = grad_sample_mode
+        self.requested_mode = grad_sample_mode  # "auto": grad_sample_mode_for the model of each session
+        self.grad_sample_mode: GradSampleMode = "hooks" if grad_sample_mode == "auto" else grad_sample_mode
         self._net: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
@@ -73,6 +83,8 @@ class DPSGD:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, data: PlantData, settings: TrainSettings
     ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, Iterable[torch.Tensor]]]:
         check_model(model)
+        if self.requested_mode == "auto":
+            self.grad_sample_mode = grad_sample_mode_for(model)
         records = data.private_records()
         batches_per_epoch = math.ceil(len(records) / settings.batch_size)
         if not math.isclose(1.0 / batches_per_epoch, self.mechanism.sample_rate) or settings.epochs * batches_per_epoch != self.mechanism.steps:
@@ -93,9 +105,11 @@ class DPSGD:
         self._net, self._optimizer = net, dp_optimizer
 
         def batches() -> Iterator[torch.Tensor]:
+            # Opacus' Poisson sampler draws each batch; indexing the records once per batch skips the loader's
+            # per-record fetch and collate, which cost a small model's DP epoch more than its gradients did.
             for _ in range(settings.epochs):
-                for (idx,) in loader:
-                    yield idx  # the dataset holds the record indices themselves
+                for drawn in loader.batch_sampler:
+                    yield records[torch.as_tensor(drawn, dtype=torch.long)]
 
         try:
             yield net, dp_optimizer, batches()

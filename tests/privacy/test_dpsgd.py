@@ -5,7 +5,7 @@ from torch import nn
 from maxfl.errors import ConfigError
 from maxfl.weights import pack
 from privacy.accountant import Mechanism, poisson_schedule
-from privacy.dpsgd import DPSGD, PrivacyError, check_model
+from privacy.dpsgd import DPSGD, PrivacyError, check_model, grad_sample_mode_for
 from tasks.base import PlantData, TrainSettings
 from tasks.classification import train_classifier
 
@@ -17,8 +17,11 @@ def _data(n: int = 64) -> PlantData:
     return PlantData(x, y, x[:8], y[:8], fingerprint="f" * 64)
 
 
-def _model() -> nn.Module:
+def _model(linear_only: bool = False) -> nn.Module:
+    """GroupNorm: trained with per-record hooks; `linear_only` (a head on features): with ghost clipping."""
     torch.manual_seed(0)
+    if linear_only:
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
     return nn.Sequential(nn.Linear(6, 16), nn.GroupNorm(4, 16), nn.ReLU(), nn.Linear(16, 2))
 
 
@@ -56,21 +59,36 @@ def test_noise_does_not_come_from_the_round_seed_the_anchor_knows():
     assert torch.equal(c[0].weight, d[0].weight)  # without DP the round is reproducible from its seed
 
 
-def test_per_record_clipping_bounds_how_far_one_round_moves_the_model():
-    data, model = _data(), _model()
+def test_the_plant_clips_linear_heads_with_ghost_clipping_and_other_models_with_hooks():
+    from tasks.defect.model import DefectCNN
+    from tasks.features import FeatureHead
+
+    assert grad_sample_mode_for(FeatureHead(2560, 2)) == grad_sample_mode_for(FeatureHead(2560, 2, hidden=64)) == "ghost"
+    assert grad_sample_mode_for(DefectCNN(2)) == grad_sample_mode_for(_model()) == "hooks"
+    frozen = _model()
+    for p in frozen[:2].parameters():
+        p.requires_grad_(False)
+    assert grad_sample_mode_for(frozen) == "ghost"  # only what trains counts
+
+
+@pytest.mark.parametrize("linear_only", [False, True], ids=["hooks", "ghost"])
+def test_per_record_clipping_bounds_how_far_one_round_moves_the_model(linear_only):
+    data, model = _data(), _model(linear_only)
     start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    dp = _dpsgd(data, SETTINGS, sigma=1e-6, max_grad_norm=1e-3)
+    dp = _dpsgd(data, SETTINGS, sigma=1e-6, max_grad_norm=1e-3, mode="auto")
     _train(model, data, SETTINGS, dp, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+    assert dp.grad_sample_mode == ("ghost" if linear_only else "hooks")
     moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm().item()
     # each step: at most C per record drawn, divided by the expected batch size; Poisson batches rarely exceed 3x it
     assert 0 < moved <= dp.mechanism.steps * 1e-3 * 3
 
 
-def test_empty_poisson_batches_still_take_a_noisy_step():
+@pytest.mark.parametrize("linear_only", [False, True], ids=["hooks", "ghost"])
+def test_empty_poisson_batches_still_take_a_noisy_step(linear_only):
     data = _data(n=3)
     settings = TrainSettings(epochs=10, batch_size=1, learning_rate=0.1, seed=0)
-    dp = _dpsgd(data, settings)
-    _train(_model(), data, settings, dp)  # 30 steps at q = 1/3: some batches are empty
+    dp = _dpsgd(data, settings, mode="auto")
+    _train(_model(linear_only), data, settings, dp)  # 30 steps at q = 1/3: some batches are empty
 
 
 def test_a_schedule_other_than_the_recorded_one_is_refused_before_training():
