@@ -4,7 +4,9 @@ When an approved global model arrives, the plant carves a validation split out o
 held-out test split is never read), fine-tunes the global model on the rest while pulling it towards the global
 weights (personalised), trains the same model from scratch on the rest (local-only), and keeps whichever scores
 best on validation, preferring the global model on ties; the chosen one is then trained again on all training
-records. None of this leaves the plant, so no privacy budget is spent and the ledger is not touched: only the
+records. For a model whose only trained layer is linear (a head on fixed features), a blend of the global and the
+local-only weights is personalised too: there it is exactly the ensemble of their logits (the mixture of APFL,
+Deng et al. 2020, with the mixing weight picked on validation). None of this leaves the plant, so no privacy budget is spent and the ledger is not touched: only the
 name of the chosen variant and its validation scores go back in the deploy acknowledgement.
 """
 
@@ -42,6 +44,8 @@ class PersonaliseSettings:
     # Personalised: fine-tuning pulled towards the global weights by (strength / 2) x ||w - w_global||^2 (Ditto, Li et
     # al. 2021); the strength is picked on validation too. Strong: close to the global model; weak: close to local-only.
     strengths: tuple[float, ...] = (0.1, 0.01)
+    # Blends for a linear head: the global model's share of the served logits (the local-only model has the rest).
+    blends: tuple[float, ...] = (0.75, 0.5, 0.25)
     # Stratified folds of the training split the choice is validated on (1: one 80/20 split). A head on cached
     # features trains in well under a second, so plants can afford 5 and a steadier choice; a whole CNN cannot.
     folds: int = 1
@@ -55,6 +59,7 @@ class Choice:
     scores: dict[str, float]  # validation metric of every variant that was built
     metric: str
     strength: float | None = None  # the personalised variant's pull towards the global weights, if chosen
+    blend: float | None = None  # or, for a linear head, the global model's share of the blend that was chosen
 
 
 def validation_split(data: PlantData, seed: int) -> PlantData:
@@ -98,6 +103,22 @@ def _pulled_towards(model: nn.Module, anchor: nn.Module, strength: float) -> Ite
             h.remove()
 
 
+def is_linear_head(model: nn.Module) -> bool:
+    """Exactly one layer with trained weights, and it is linear: blending two such models' weights blends their
+    logits, whatever fixed features (parameter-free statistics, a frozen backbone) come before it."""
+    trained = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return len(trained) == 1 and isinstance(trained[0], nn.Linear)
+
+
+def _blend(global_model: nn.Module, local: nn.Module, share: float) -> nn.Module:
+    """`share` x the global weights + (1 - share) x the local-only ones, floating-point entries only."""
+    blended = copy.deepcopy(global_model)
+    mine = local.state_dict()
+    blended.load_state_dict({k: share * v + (1 - share) * mine[k] if v.is_floating_point() else v
+                             for k, v in global_model.state_dict().items()})
+    return blended
+
+
 def _train(task: Task, spec: TaskSpec, start: nn.Module, data: PlantData, s: PersonaliseSettings, salt: str,
            anchor: nn.Module | None = None, strength: float = 0.0) -> nn.Module:
     """`s.epochs` in `SCHEDULE_STEPS` stretches under a cosine-decayed rate, as a plant trains over a run's rounds."""
@@ -119,15 +140,26 @@ def choose(task: Task, spec: TaskSpec, global_model: nn.Module, data: PlantData,
         return Choice("global", global_model, {}, metric)
     torch.manual_seed(settings.seed)
     fresh = task.build_model(spec)
-    candidates: dict[str, tuple[Variant, float | None]] = {"global": ("global", None), "local": ("local", None)}
-    candidates |= {f"personalised@{k:g}": ("personalised", k) for k in settings.strengths}
+    Candidate = tuple[Variant, float | None, float | None]  # variant, Ditto strength, blend share
+    candidates: dict[str, Candidate] = {"global": ("global", None, None), "local": ("local", None, None)}
+    candidates |= {f"personalised@{k:g}": ("personalised", k, None) for k in settings.strengths}
+    if is_linear_head(fresh):
+        candidates |= {f"personalised@blend{b:g}": ("personalised", None, b) for b in settings.blends}
+    trained_alone: dict[int, nn.Module] = {}  # local-only model per training set: the blends reuse it
+
+    def local_only(on: PlantData) -> nn.Module:
+        if id(on) not in trained_alone:
+            trained_alone[id(on)] = _train(task, spec, fresh, on, settings, "local")
+        return trained_alone[id(on)]
 
     def build(name: str, on: PlantData) -> nn.Module:
-        variant, strength = candidates[name]
+        variant, strength, blend = candidates[name]
         if variant == "global":
             return global_model
         if variant == "local":
-            return _train(task, spec, fresh, on, settings, "local")
+            return local_only(on)
+        if blend is not None:
+            return _blend(global_model, local_only(on), blend)
         return _train(task, spec, global_model, on, settings, name, anchor=global_model, strength=strength or 0.0)
 
     def validated(name: str) -> float:
@@ -135,8 +167,8 @@ def choose(task: Task, spec: TaskSpec, global_model: nn.Module, data: PlantData,
         return float(np.mean(values))
 
     scores = {name: validated(name) for name in candidates}
-    order = list(candidates)  # ties: global first, then local, then the strongest pull
+    order = list(candidates)  # ties: global first, then local, then the strongest pull, then the most global blend
     best = max(order, key=lambda n: (scores[n] if scores[n] == scores[n] else float("-inf"), -order.index(n)))
-    variant, strength = candidates[best]
+    variant, strength, blend = candidates[best]
     log.info("personalisation: validation %s %s -> serving %s", metric, ", ".join(f"{n} {v:.4f}" for n, v in scores.items()), best)
-    return Choice(variant, build(best, data), scores, metric, strength)
+    return Choice(variant, build(best, data), scores, metric, strength, blend)

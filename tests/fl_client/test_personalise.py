@@ -78,3 +78,21 @@ def test_folds_cover_every_training_record_once_as_validation():
     assert len(folds) == 5 and len(seen) == len(data.y_train)
     assert {tuple(r[:3].tolist()) for r in seen} == {tuple(r[:3].tolist()) for r in data.x_train}
     assert all(abs(int(f.y_test.sum()) - int(data.y_train.sum()) / 5) <= 1 for f in folds)  # stratified by label
+
+
+def test_a_linear_head_may_serve_a_blend_that_is_the_ensemble_of_global_and_local_logits():
+    from fl_client.personalise import _blend, is_linear_head
+
+    data = plant_data(1.0)
+    choice = choose(TASK, SPEC, constant_model(), data, "eval_macro_f1", FAST)
+    assert {f"personalised@blend{b:g}" for b in FAST.blends} <= set(choice.scores)
+    torch.manual_seed(1)
+    g, local = TASK.build_model(SPEC), TASK.build_model(SPEC)
+    blended = _blend(g, local, 0.25)
+    with torch.no_grad():
+        torch.testing.assert_close(blended(data.x_test), 0.25 * g(data.x_test) + 0.75 * local(data.x_test))
+
+    mlp_spec = SPEC.model_copy(update={"model": "effnet-lite0-mlp"})
+    assert is_linear_head(g) and not is_linear_head(TASK.build_model(mlp_spec))
+    mlp = choose(TASK, mlp_spec, TASK.build_model(mlp_spec), data, "eval_macro_f1", FAST)
+    assert not any("blend" in name for name in mlp.scores)  # blending two MLPs' weights is no ensemble
