@@ -43,6 +43,9 @@ class Manifest(BaseModel):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     image_mode: Literal["L", "RGB"] | None = Field(None, validate_default=True)
     image_size: tuple[PositiveInt, PositiveInt] | None = Field(None, validate_default=True)
+    # CSV only; absent: detected from the file (the header's separator; decimal commas in numeric columns).
+    delimiter: Literal[",", ";", "\t", "|"] | None = None
+    decimal: Literal[".", ","] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -110,6 +113,15 @@ class Manifest(BaseModel):
             raise ValueError("required for kind 'images': what every image must be")
         if kind == "table" and value is not None:
             raise ValueError("only for kind 'images'")
+        return value
+
+    @field_validator("delimiter", "decimal")
+    @classmethod
+    def _csv_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and (info.data.get("kind") != "table" or not str(info.data.get("path", "")).lower().endswith(".csv")):
+            raise ValueError("only for a CSV table")
+        if value is not None and value == info.data.get("delimiter"):
+            raise ValueError(f"'{value}' is also the delimiter; a CSV whose decimal mark is ',' separates its cells with ';'")
         return value
 
     def data_path(self, data_dir: Path) -> Path:

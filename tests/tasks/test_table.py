@@ -66,6 +66,69 @@ def test_bad_csv_is_one_line_naming_file_and_row_or_field(tmp_path: Path, table:
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
 
 
+EUROPEAN = "temp;speed;shift;defect\n200,5;40;early;0\n210,25;41,5;late;1\n205;;night;0\n;39;;1\n198,75;42;early;0\n"
+
+
+def test_a_semicolon_csv_with_decimal_commas_is_read_as_its_locale_wrote_it(tmp_path: Path) -> None:
+    from tasks.table import read_table
+    from tasks.manifest import load_manifest
+
+    write_plant(tmp_path, EUROPEAN)
+    table = read_table(tmp_path, load_manifest(tmp_path, kind="table"), seed=0)
+    np.testing.assert_allclose(table.numeric["temp"], [200.5, 210.25, 205.0, np.nan, 198.75])
+    np.testing.assert_allclose(table.numeric["speed"], [40.0, 41.5, np.nan, 39.0, 42.0])
+    assert list(table.categorical["shift"]) == ["early", "late", "night", None, "early"]
+    # the same cells declared in the manifest read alike
+    write_plant(tmp_path / "declared", EUROPEAN, delimiter=";", decimal=",")
+    declared = read_table(tmp_path / "declared", load_manifest(tmp_path / "declared", kind="table"), seed=0)
+    np.testing.assert_array_equal(declared.numeric["temp"], table.numeric["temp"])
+
+
+@pytest.mark.parametrize(
+    ("table", "manifest", "message"),
+    [
+        # the manifest's delimiter is not the file's: named, with the key that fixes it
+        (EUROPEAN, {"delimiter": ","}, r"quality.csv is not a readable CSV file \(.*; read as ','-separated\); the header is ';'-separated, "
+                                       r"not ',': set delimiter = ';' in manifest.toml$"),
+        ("temp;speed;shift;defect\n1;2;a;0\n2;3;b;1\n", {"delimiter": "|"},
+         r"no target column 'defect' \(columns: temp;speed;shift;defect\): set target in manifest.toml to one of them; the header is "
+         r"';'-separated, not '\|': set delimiter = ';'"),
+        # decimal commas in a file whose manifest says decimal points
+        (EUROPEAN, {"decimal": "."}, r"row 2 \(line 3\): column 'speed' is numeric but holds '41,5'; they look like decimal commas: "
+                                     r"set decimal = \",\" in manifest.toml$"),
+        # decimal points where the manifest says commas
+        ("temp;speed;shift;defect\n1.5;2;a;0\n2;3;b;1\n", {"decimal": ","}, r"holds '1.5'; manifest.toml says decimal = \",\" but"),
+    ],
+)
+def test_a_delimiter_or_decimal_mark_that_does_not_fit_is_named(tmp_path: Path, table: str, manifest: dict, message: str) -> None:
+    write_plant(tmp_path, table, **manifest)
+    with pytest.raises(DataError, match=message) as info:
+        TASK.profile(tmp_path, seed=0)
+    assert "\n" not in str(info.value)
+
+
+def test_every_bad_cell_of_a_column_is_counted_and_the_first_few_named(tmp_path: Path) -> None:
+    rows = "".join(f"{'hot' if i % 2 else 200 + i},40,a,{i % 2}\n" for i in range(10))
+    write_plant(tmp_path, "temp,speed,shift,defect\n" + rows)
+    with pytest.raises(DataError, match=r"column 'temp' is numeric but 5 of its cells are not numbers: row 2 \(line 3\) 'hot', "
+                                         r"row 4 \(line 5\) 'hot', row 6 \(line 7\) 'hot', and 2 more; fix the value"):
+        TASK.profile(tmp_path, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"path": "quality.parquet", "delimiter": ";"}, "only for a CSV table"),
+        ({"delimiter": ",", "decimal": ","}, "also the delimiter"),
+    ],
+)
+def test_delimiter_and_decimal_keys_are_checked_in_the_manifest(fields: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        Manifest.model_validate({"kind": "table", "path": "quality.csv", "target": "defect", "columns": COLUMNS} | fields)
+
+
 def test_regression_target_must_be_numeric(tmp_path: Path) -> None:
     write_plant(tmp_path, "temp,speed,shift,defect\n1,2,a,0.5\n1,2,a,high\n", problem="regression")
     with pytest.raises(DataError, match=r"quality.csv row 2 \(line 3\): target 'defect' is numeric but holds 'high'"):
