@@ -34,9 +34,9 @@ GradSampleMode = Literal["hooks", "functorch", "ew", "ghost"]
 
 def grad_sample_mode_for(model: nn.Module) -> GradSampleMode:
     """Ghost clipping for a model of linear layers (a head on frozen features): each record's gradient norm comes
-    from its activations and output gradients, so the B x weights per-record gradients are never materialised,
-    which is most of a small head's DP cost (experiments/dp_cost.py). Per-record hooks otherwise: for the
-    convolutional models they measured faster."""
+    from its activations and output gradients, so the batch x weights per-record gradients are never stored.
+    On the default head it measured within noise of per-record hooks up to batch 128 and faster at 256, the batch
+    of plants with a thousand records or more (experiments/dp_cost.py). Hooks otherwise: faster on the CNNs."""
     trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     return "ghost" if trainable and all(isinstance(m, nn.Linear) for m in trainable) else "hooks"
 
