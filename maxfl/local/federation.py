@@ -45,9 +45,11 @@ from fl_client.join import (
 from fl_server.config import RunConfig
 from fl_server.provision import Federation, add_plant, flwr_register, init_federation, proxy_config, superlink_argv
 from fl_server.proxy import caddy_argv, caddy_binary, caddy_env, healthy, write_config
+from fl_client.app_policy import fab_hash
 from fl_server.serverapp_policy import AUDIT_ENV, allow_serverapp, superexec_argv
 from fl_server.tracking import check_reachable
 from maxfl.atomic import atomic_write_text
+from maxfl.audit import AuditLog
 from maxfl.errors import ConfigError, DataError, ProcessError, UserError
 from maxfl.local.processes import Managed, ProcessGroup, free_port, port_is_free, strip_ansi
 from tasks import get_task
@@ -209,8 +211,6 @@ class LocalFederation:
         """Each plant's node config: its own folder (`data`), else demo data that maxfl writes and owns."""
         root = self.plants_root
         folders = {pid: Path(d).expanduser().resolve() for pid, d in self.s.data.items()} or self._demo_data(task_name, seed)
-        from fl_client.app_policy import fab_hash
-
         # The demo plants run exactly the app `flwr run` will submit from app_dir (simulation has no executor).
         app_hash = self.app_hash = fab_hash(self.s.app_dir) if self.s.mode == "deployment" else None
         plants = [
@@ -514,6 +514,10 @@ class LocalFederation:
 
     def submit(self, cli_home: Path, overrides: dict[str, Any]) -> int:
         """`flwr run --stream`, echoing the ServerApp's progress; returns Flower's run id."""
+        if self.app_hash is not None:
+            if (now := fab_hash(self.s.app_dir)) != self.app_hash:  # the anchor and the plants allowed the app as it was
+                raise ConfigError(f"the app in {self.s.app_dir} changed after this federation started (FAB {now[:12]}, allowed "
+                                  f"{self.app_hash[:12]}), so the anchor and the plants would refuse it; start the federation again")
         cfg_file = self.work / "run-overrides.toml"
         atomic_write_text(cfg_file, "".join(f"{k} = {json.dumps(v)}\n" for k, v in overrides.items()))
         env = {**self.env, "FLWR_HOME": str(cli_home)}
@@ -647,9 +651,16 @@ class LocalFederation:
         run_id = self.submit(self.cli_home, run_overrides)
         status = self.run_status(self.cli_home, run_id)
         if not status.endswith("completed"):
-            reason = self.last_server_error or "see the ServerApp's output above"
+            reason = self.last_server_error or self._refusal(run_id) or "see the ServerApp's output above"
             raise ProcessError(f"Flower run {run_id} ended as '{status}': {reason} (logs: {self.work / 'logs'})")
         return self._result(cfg, run_id, status)
+
+    def _refusal(self, run_id: int) -> str:
+        """Why the anchor's executor refused this run's ServerApp, from its audit log; empty if it did not."""
+        for event in AuditLog(self.audit_log).events():
+            if event.event == "serverapp.refused" and event.details.get("run_id") == run_id:
+                return f"the anchor refused the ServerApp: {event.details.get('reason', '')}"
+        return ""
 
     def run(self) -> FederationResult:
         """`maxfl federate`: start everything, train (gate, register, push), show what the edge serves, stop."""

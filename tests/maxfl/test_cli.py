@@ -57,6 +57,20 @@ def test_port_already_taken_is_one_line_and_nothing_is_started(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_an_app_changed_after_the_federation_started_is_not_submitted(tmp_path):
+    import shutil
+
+    app = tmp_path / "app"
+    shutil.copytree(find_app_dir(), app, ignore=shutil.ignore_patterns(".venv", ".git", ".maxfl*", "tests", "experiments", "*.pyc"))
+    federation = LocalFederation(FederationSettings(app_dir=app, workdir=tmp_path / "work", plants=2, examples_per_plant=20),
+                                 echo=lambda _: None)
+    federation.prepare_data("defect", seed=42)  # allows the app as it is now
+    (app / "fl_server" / "server_app.py").write_text((app / "fl_server" / "server_app.py").read_text() + "\n# edited\n")
+    with pytest.raises(ConfigError, match=r"the app in .* changed after this federation started .*; start the federation again"):
+        federation.submit(tmp_path, {})
+    assert not (tmp_path / "work" / "run-overrides.toml").exists()  # nothing was submitted
+
+
 def test_empty_data_location_is_reported_before_any_process_starts(tmp_path):
     settings = FederationSettings(app_dir=find_app_dir(), workdir=tmp_path, plants=2, examples_per_plant=20)
     federation = LocalFederation(settings, echo=lambda _: None)
