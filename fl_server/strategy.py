@@ -137,6 +137,8 @@ class TrackedStrategy(Strategy):
         self._round_started = 0.0
         self._phase_started = 0.0
         self._slowest_train_s = 0.0
+        self._first_started: float | None = None  # this ServerApp's first round: the ETA's clock
+        self._eta = ""
 
     def resume(self, checkpoint: Checkpoint) -> ArrayRecord:
         """Continue after `checkpoint`: restore the strategy's state, make sure its round is logged, and return
@@ -159,6 +161,11 @@ class TrackedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_started = self._phase_started = time.perf_counter()
+        if self._first_started is None:
+            self._first_started = self._round_started
+        elif server_round > 1:  # the rounds this ServerApp completed set the pace of the rest
+            per_round = (self._round_started - self._first_started) / (server_round - 1)
+            self._eta = f"; about {per_round * (self.num_rounds - self.offset - server_round + 1):.0f} s left"
         self._arrays = arrays
         self._pending = {}
         self._rejected: set[str] = set()
@@ -247,5 +254,6 @@ class TrackedStrategy(Strategy):
         per_plant[f"round_{phase}_wall_s"] = wall
         per_plant[f"round_{phase}_overhead_s"] = wall - slowest
         self._pending |= per_plant
-        log.info("round %d/%d %s (%.1fs): %s", server_round, self.num_rounds, phase, wall, " | ".join(status) or "no replies")
+        eta = self._eta if phase == "train" else ""
+        log.info("round %d/%d %s (%.1fs%s): %s", server_round, self.num_rounds, phase, wall, eta, " | ".join(status) or "no replies")
         return slowest

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from maxfl.atomic import atomic_path
 from maxfl.cache import cache_root
+from maxfl.progress import progress
 from tasks.features.backbones import Backbone
 
 log = logging.getLogger("maxfl")
@@ -48,7 +49,11 @@ def to_inputs(pixels: np.ndarray, size: int) -> torch.Tensor:
 @torch.no_grad()
 def extract(backbone: Backbone, pixels: np.ndarray) -> torch.Tensor:
     extractor = backbone.extractor()
-    out = [extractor(to_inputs(pixels[i : i + BATCH], backbone.input_size)) for i in range(0, len(pixels), BATCH)]
+    out = []
+    with progress(f"computing {backbone.name} features of {len(pixels)} images (once per data set)", len(pixels)) as advance:
+        for i in range(0, len(pixels), BATCH):
+            out.append(extractor(to_inputs(pixels[i : i + BATCH], backbone.input_size)))
+            advance(len(out[-1]))
     return torch.cat(out) if out else torch.zeros(0, backbone.dim)
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import zipfile
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from numpy.typing import ArrayLike
 
 from maxfl.atomic import atomic_path
 from maxfl.errors import DataError, describe_validation_error
+from maxfl.progress import progress
 
 # Bump whenever the generated numbers change for the same spec (simulation, seeding, layout):
 # it is part of the fingerprint, so stale caches are never served.
@@ -305,13 +306,18 @@ def simulate(spec: PlantProcessSpec, workers: int | None = None) -> ProcessRecor
     # Longest runs first so the pool does not end waiting on one long straggler.
     order = sorted(range(len(jobs)), key=lambda k: -jobs[k][2].hours)
     outputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    if n_workers <= 1:
-        for k in order:
-            outputs[k] = _simulate_run(jobs[k][2])
-    else:
-        with ProcessPoolExecutor(max_workers=n_workers) as pool:
-            futures = {k: pool.submit(_simulate_run, jobs[k][2]) for k in order}
-            outputs = {k: f.result() for k, f in futures.items()}
+    hours = sum(job.hours for _, _, job in jobs)
+    with progress(f"simulating {len(jobs)} Tennessee Eastman runs ({hours:.0f} plant hours, once per recording spec)", len(jobs)) as advance:
+        if n_workers <= 1:
+            for k in order:
+                outputs[k] = _simulate_run(jobs[k][2])
+                advance(1)
+        else:
+            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+                futures = {pool.submit(_simulate_run, jobs[k][2]): k for k in order}
+                for future in as_completed(futures):
+                    outputs[futures[future]] = future.result()
+                    advance(1)
     parts: dict[str, ProcessSplit] = {}
     for split in SPLITS:
         ks = [k for k, (s, _, _) in enumerate(jobs) if s == split]

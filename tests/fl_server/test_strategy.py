@@ -106,3 +106,21 @@ def test_a_failure_reason_never_shows_a_heap_address(failure):
     leaky = failure(12, "<class 'ValueError'>:<'cannot batch <torch.utils.data.DataLoader object at 0x7f3a2c1d9e50>'>")
     assert failure_reason(leaky) == "node-12: ValueError: cannot batch <torch.utils.data.DataLoader>"
     assert "0x" not in failure_reason(failure(13, "plant-3 declined: <function load at 0x7F00AB> failed"))
+
+
+def test_each_round_after_the_first_says_about_how_long_the_rest_will_take(tracker, reply, monkeypatch, caplog):
+    import logging
+
+    from fl_server import strategy as module
+
+    strategy = _strategy(tracker)  # 3 rounds
+    monkeypatch.setattr(strategy.inner, "configure_train", lambda *args: [])
+    clock = iter([100.0, 100.0, 160.0, 160.0])  # round 1 starts at 100 s, round 2 at 160 s: 60 s a round
+    monkeypatch.setattr(module.time, "perf_counter", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="maxfl")
+    for server_round in (1, 2):
+        strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), None)
+        strategy.aggregate_train(server_round, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 4.0, 30, 0.9)])
+    first, second = [r.getMessage() for r in caplog.records if " train (" in r.getMessage()]
+    assert "left" not in first
+    assert second.startswith("round 2/3 train (0.0s; about 120 s left)")  # rounds 2 and 3 at 60 s each
