@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 KIT_FILE = "kit.json"
 KIT_CA = "ca.crt"
 KIT_README = "README.md"
+KIT_README_KO = "README.ko.md"  # the same for a Korean-speaking IT person (상생형 AI 팩토리 partner plants)
 PRIVATE_KEY_NAME = "supernode.key"
 PUBLIC_KEY_NAME = "supernode.pub"
 # Flower's SuperNode reports this code (in its log; the process itself exits with status 1) when it cannot set up

@@ -57,7 +57,7 @@ from fl_client.config import PLANT_ID_PATTERN
 from fl_server.proxy import ProxyConfig
 from fl_server.serverapp_policy import ALLOWED_FILE, ALLOWED_HEADER
 from fl_client.join import (
-    FEDERATION_NAME_PATTERN, KIT_CA, KIT_FILE, KIT_README, PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, JoinError, JoinKit, cert_fingerprint, describe_ca, is_ip,
+    FEDERATION_NAME_PATTERN, KIT_CA, KIT_FILE, KIT_README, KIT_README_KO, PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, JoinError, JoinKit, cert_fingerprint, describe_ca, is_ip,
     key_fingerprint, load_certificate, load_public_key, now_utc, short, split_address, write_file,
 )
 from maxfl.atomic import atomic_write_text, fsync_dir
@@ -658,6 +658,7 @@ def write_kit(fed: Federation, kit: JoinKit) -> Path:
         shutil.copyfile(fed.ca_cert, staging / KIT_CA)
         (staging / KIT_FILE).write_text(kit.model_dump_json(indent=2) + "\n", encoding="utf-8")
         (staging / KIT_README).write_text(kit_readme(fed, kit), encoding="utf-8")
+        (staging / KIT_README_KO).write_text(kit_readme_ko(fed, kit), encoding="utf-8")
         for f in staging.iterdir():
             os.chmod(f, 0o644)
             with open(f, "rb") as fh:
@@ -692,7 +693,7 @@ part of it.
 | --- | --- |
 | `ca.crt` | the federation's CA certificate: your SuperNode trusts the anchor's SuperLink only if its certificate was signed by this CA. Fingerprint (SHA-256): `{kit.ca_fingerprint}`; valid until {kit.ca_not_after:%Y-%m-%d}. |
 | `kit.json` | connection settings: federation `{kit.federation}`, SuperLink `{kit.superlink_address}`, this plant's id `{kit.plant_id}`, the fingerprint of the public key the anchor registered for you (`{kit.key_fingerprint}`), your node id `{kit.node_id}`. |
-| `README.md` | this file. |
+| `README.md` | this file (`README.ko.md`: the same in Korean). |
 
 Your private key is the `{PRIVATE_KEY_NAME}` that `maxfl plant keygen` wrote next to the `{PUBLIC_KEY_NAME}` you sent
 the anchor. Keep it on this machine, readable only by the account that runs the SuperNode.
@@ -726,6 +727,56 @@ or a key the SuperLink does not know (not registered yet, or revoked).
 ## Whom to contact
 {contact}. Quote the federation (`{kit.federation}`), your plant id (`{kit.plant_id}`) and the CA fingerprint
 above. The CA ({describe_ca(ca)}) expires on {kit.ca_not_after:%Y-%m-%d}; the anchor sends a new kit before that.
+"""
+
+
+def kit_readme_ko(fed: Federation, kit: JoinKit) -> str:
+    """`kit_readme` in Korean: the same commands and flags (tests/fl_server/test_provision.py checks it)."""
+    contact = fed.info.contact or "이 키트를 보낸 앵커 기업의 연합 운영팀"
+    ca = load_certificate(fed.ca_cert, "the federation's CA certificate")
+    host, port = split_address(kit.superlink_address)
+    return f"""# 참여 키트: 연합 `{kit.federation}`의 {kit.plant_id}
+
+{kit.issued_at:%Y-%m-%d %H:%M} UTC에 `{kit.federation}`의 앵커 기업이 발급했습니다. 플랜트 `{kit.plant_id}`의 IT 담당자를 위한
+안내입니다. 이 폴더에는 비밀 정보가 없습니다. 플랜트의 개인키는 플랜트를 떠나지 않으며 이 키트에 포함되지 않습니다.
+(English: `README.md`)
+
+## 파일 설명
+| 파일 | 내용 |
+| --- | --- |
+| `ca.crt` | 연합의 CA 인증서: 이 CA가 서명한 인증서를 가진 앵커 SuperLink만 SuperNode가 신뢰합니다. 지문(SHA-256): `{kit.ca_fingerprint}`; {kit.ca_not_after:%Y-%m-%d}까지 유효. |
+| `kit.json` | 접속 설정: 연합 `{kit.federation}`, SuperLink `{kit.superlink_address}`, 플랜트 id `{kit.plant_id}`, 앵커가 등록한 공개키의 지문(`{kit.key_fingerprint}`), 노드 id `{kit.node_id}`. |
+| `README.md` / `README.ko.md` | 이 안내 (영어 / 한국어). |
+
+개인키는 `maxfl plant keygen`이 앵커에 보낸 `{PUBLIC_KEY_NAME}` 옆에 만든 `{PRIVATE_KEY_NAME}`입니다. 이 컴퓨터에 두고, SuperNode를
+실행하는 계정만 읽을 수 있게 하세요.
+
+## 네트워크
+이 컴퓨터는 `{host}`의 `{port}` 포트로 나가는 TCP 연결(HTTPS) 하나만 엽니다. 외부에서 이 컴퓨터로 들어오는 연결은 필요 없습니다.
+
+## 두 가지 명령
+```
+# 1. 아무것도 실행하지 않고 점검: 키트, 키, CA, 그리고 SuperLink와의 실제 TLS 핸드셰이크
+maxfl plant join --kit <이 폴더> --key <{PRIVATE_KEY_NAME} 경로> --federation {kit.federation} --check \\
+    --node-config 'plant-id="{kit.plant_id}" data-dir="/path/to/your/data" max-epsilon=8.0'
+
+# 2. 참여: Ctrl-C 또는 SIGTERM까지 플랜트의 SuperNode(와 ClientApp 실행기)를 실행
+maxfl plant join --kit <이 폴더> --key <{PRIVATE_KEY_NAME} 경로> --federation {kit.federation} \\
+    --node-config 'plant-id="{kit.plant_id}" data-dir="/path/to/your/data" max-epsilon=8.0'
+```
+`--node-config`는 플랜트의 것입니다: 데이터 폴더, 프라이버시 한도(`max-epsilon`), 원장(ledger). 앵커는 이것을 바꿀 수 없습니다.
+
+## 연결 확인
+- `--check`는 `ok: ... TLS handshake with {kit.superlink_address} verified by the federation CA`로 끝납니다.
+- SuperLink가 키를 받아들이면 `maxfl plant join`이 `connected as node {kit.node_id}`를 출력합니다.
+- 앵커는 `flwr supernode ls` / `maxfl federation plants`에서 이 플랜트를 온라인으로 봅니다.
+
+점검이 실패하면 무엇이 잘못되었는지 한 줄로 알려 줍니다: 잘못된 키, 다른 플랜트나 다른 연합의 키트, 만료된 CA, 연결할 수 없거나 이
+CA가 서명하지 않은 인증서를 제시하는 SuperLink, 또는 SuperLink가 모르는 키(아직 등록되지 않았거나 해지됨).
+
+## 문의처
+{contact}. 연합(`{kit.federation}`), 플랜트 id(`{kit.plant_id}`), 위의 CA 지문을 알려 주세요. CA({describe_ca(ca)})는
+{kit.ca_not_after:%Y-%m-%d}에 만료되며, 앵커가 그 전에 새 키트를 보냅니다.
 """
 
 

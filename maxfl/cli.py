@@ -287,6 +287,7 @@ _add_role_commands()
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("maxfl.progress").setLevel(logging.INFO)  # long work says how far it got (maxfl.progress)
     # Ctrl-C and SIGTERM both unwind through the launcher's cleanup, so every started process is stopped.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))

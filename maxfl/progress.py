@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-log = logging.getLogger("maxfl")
+log = logging.getLogger("maxfl.progress")  # the CLI shows it at INFO while the rest of maxfl's log stays at WARNING
 STEPS = 10  # plain lines: one per tenth of the work
 
 

@@ -136,7 +136,7 @@ def load_manifest(data_dir: Path, kind: str | None = None) -> Manifest:
     """
     file = data_dir / MANIFEST_FILE
     if not file.is_file():
-        raise DataError(f"no {MANIFEST_FILE} in {data_dir}: describe the plant's data there, see README")
+        raise DataError(f"no {MANIFEST_FILE} in {data_dir}: describe the plant's data there, see docs/tasks.md")
     try:
         with open(file, "rb") as fh:
             raw = tomllib.load(fh)

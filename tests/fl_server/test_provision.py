@@ -167,7 +167,7 @@ def test_superlink_argv_runs_tls_with_node_authentication(fed):
 def test_add_plant_issues_a_complete_kit_and_records_the_plant(fed, link, tmp_path):
     record, kit_dir = _add(fed, link, "plant-1", tmp_path / "p1")
     assert kit_dir == fed.dir / "kits" / "plant-1"
-    assert sorted(p.name for p in kit_dir.iterdir()) == ["README.md", "ca.crt", "kit.json"]
+    assert sorted(p.name for p in kit_dir.iterdir()) == ["README.ko.md", "README.md", "ca.crt", "kit.json"]
     assert (kit_dir / "ca.crt").read_bytes() == fed.ca_cert.read_bytes()
     kit = JoinKit.model_validate_json((kit_dir / "kit.json").read_text())
     public = serialization.load_ssh_public_key((tmp_path / "p1" / "supernode.pub").read_bytes())
@@ -180,6 +180,11 @@ def test_add_plant_issues_a_complete_kit_and_records_the_plant(fed, link, tmp_pa
                    "connected as node 1001", "ops@acme.example", "ca.crt", "kit.json"):
         assert needle in readme, needle
     assert "BEGIN" not in readme and not any("key" in p.name for p in kit_dir.iterdir())  # nothing secret in a kit
+    korean = (kit_dir / "README.ko.md").read_text()
+    assert "참여 키트" in korean and all(needle in korean for needle in ("plant-1", "acme-supply", kit.ca_fingerprint, "ops@acme.example"))
+    from tests.docs.commands import commands_and_flags
+
+    assert commands_and_flags(korean) == commands_and_flags(readme) != set()  # the Korean kit names the same commands
     book = json.loads(fed.plants_file.read_text())["plants"]
     assert book["plant-1"]["status"] == "active" and book["plant-1"]["node_id"] == 1001 and book["plant-1"]["revoked_at"] is None
     events = list(fed.audit.events())
