@@ -1,7 +1,7 @@
 """Pages generated at build time (mkdocs-gen-files), so that they cannot drift from the code they describe.
 
 - index.md: the README, its links into docs/ made relative to the site;
-- reference/run-config.md and reference/node-config.md: every key of `fl_server.config.RunConfig` and
+- reference/run-config.md and reference/node-config.md: every key of `fl_server.run.config.RunConfig` and
   `fl_client.config.PlantConfig` with its type, default and limits, and the comments beside it in the source;
 - reference/cli.md: the `--help` of every command of every maxfl console script, from the typer apps.
 """
@@ -93,7 +93,7 @@ def cli_page() -> str:
     import typer
     import typer.core
 
-    from maxfl.cli import app
+    from launcher.cli import app
 
     typer.core.HAS_RICH = False  # click's plain help text, not rich's boxes drawn for a terminal
 
@@ -118,14 +118,14 @@ def cli_page() -> str:
 
 def main() -> None:
     from fl_client.config import PlantConfig
-    from fl_server.config import RunConfig
+    from fl_server.run.config import RunConfig
 
     pages = {
         "index.md": index_page(),
         "reference/run-config.md": model_page(
             RunConfig, "Run config reference",
             "The anchor's run config: `[tool.flwr.app.config]` in `pyproject.toml`, overridden with `flwr run --run-config` or "
-            "`maxfl federate --set key=value`. Validated by `fl_server.config.RunConfig`; an unknown key or a value out of its "
+            "`maxfl federate --set key=value`. Validated by `fl_server.run.config.RunConfig`; an unknown key or a value out of its "
             "limits stops the run before any plant trains."),
         "reference/node-config.md": model_page(
             PlantConfig, "Node config reference",

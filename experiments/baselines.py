@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from maxfl.atomic import atomic_path, atomic_write_text
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from tasks import get_task
 from tasks.base import PlantData, Task, TaskOptions, TaskSpec, TrainSettings
 from tasks.classification import macro_f1, predict_logits

@@ -47,7 +47,7 @@ from edge.server import load_runtime  # noqa: E402
 from edge.store import EdgeStore  # noqa: E402
 from fl_client.config import PlantConfig  # noqa: E402
 from maxfl.atomic import atomic_write_text  # noqa: E402
-from maxfl.local.processes import ProcessGroup, free_port  # noqa: E402
+from launcher.processes import ProcessGroup, free_port  # noqa: E402
 from maxfl.onnx_model import INPUT_NAME, OUTPUT_NAME, export  # noqa: E402
 from maxfl.release import ReleaseManifest, sha256_hex  # noqa: E402
 from tasks import get_task  # noqa: E402

@@ -41,7 +41,7 @@ from baselines import score
 from fl_client.config import PlantConfig
 from maxfl.atomic import atomic_write_text
 from maxfl.errors import ProcessError
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from tasks import get_task
 from tasks.base import PlantData, Task, TaskOptions, TaskSpec
 

@@ -39,7 +39,7 @@ from provenance import git_commit
 
 from fl_client.personalise import PersonaliseSettings, choose
 from maxfl.atomic import atomic_write_text
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from tasks import get_task
 from tasks.base import PlantData, Task, TaskOptions, TaskSpec, TrainSettings
 from tasks.classification import classification_metrics, predict_logits

@@ -26,7 +26,7 @@ from typing import Any
 from baselines import HEADLINE, LOWER_IS_BETTER, federated_model, score
 
 from maxfl.atomic import atomic_path, atomic_write_text
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from privacy.ledger import Ledger
 from tasks import get_task
 from tasks.base import TaskOptions

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from maxfl.atomic import atomic_write_text
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 
 RESULTS = Path(__file__).parent / "results" / "proxy_latency.json"
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from maxfl.atomic import atomic_write_text
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
-from maxfl.local.processes import descendants
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.processes import descendants
 
 RESULTS = Path(__file__).parent / "results" / "round_overhead.json"
 

@@ -7,7 +7,7 @@ all of it before it starts anything -- kit complete, CA valid, kit issued to thi
 handshake with the SuperLink verified by the kit's CA -- then runs the plant's SuperNode (TLS + Flower's
 SuperNode authentication) and its warm ClientApp executor in the foreground, and stops both by PID.
 
-The certificate and key helpers here are shared with the anchor's provisioning (fl_server.provision): the kit
+The certificate and key helpers here are shared with the anchor's provisioning (fl_server.federation.provision): the kit
 format belongs to the side that has to read it, and a plant's install needs no server-side package.
 """
 
@@ -39,7 +39,7 @@ from maxfl.atomic import atomic_path
 from maxfl.errors import UserError, describe_validation_error
 
 if TYPE_CHECKING:
-    from maxfl.local.processes import Managed
+    from launcher.processes import Managed
 
 KIT_FILE = "kit.json"
 KIT_CA = "ca.crt"
@@ -304,7 +304,7 @@ def _verify_failure(address: str, host: str, port: int, ca_path: Path, ca_fp: st
             "the kit is for another SuperLink or the anchor re-created its CA -- ask the anchor for a new kit")
 
 
-# ---------------------------------------------------------------- the processes (shared with maxfl.local)
+# ---------------------------------------------------------------- the processes (shared with launcher)
 def supernode_argv(bin_dir: Path, superlink: str, ca_path: Path | None, key_path: Path | None, node_config: str, runtime_port: int,
                    warm: bool = True, max_wait_s: float = SUPERNODE_MAX_WAIT_S) -> list[str]:
     """A plant's SuperNode: TLS with the federation's CA and Flower's node authentication with the plant's key.
@@ -391,7 +391,7 @@ def run_plant(plan: JoinPlan, node_config: str, warm: bool = True, runtime_port:
     """
     from fl_client.config import maxfl_home
     from maxfl.errors import ProcessError
-    from maxfl.local.processes import ProcessGroup, free_port
+    from launcher.processes import ProcessGroup, free_port
 
     bin_dir = Path(sys.executable).parent
     port = runtime_port or free_port()

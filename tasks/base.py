@@ -179,7 +179,7 @@ class SchemaMismatch(DataError):
 def schema_fingerprint(profiles: Mapping[str, DataProfile]) -> str:
     """SHA-256 of what the plants agreed the data is: the task, its schema and the label vocabulary. Two runs with
     the same fingerprint train models that answer the same question on the same kind of rows or images, so one's
-    champion is the other's reference; another fingerprint is other data (fl_server.release)."""
+    champion is the other's reference; another fingerprint is other data (fl_server.release.chain)."""
     import hashlib
     import json
 

@@ -2,7 +2,7 @@
 
 Fast and process-free: both compose files are parsed (PyYAML) and interpolated with their .env.example the way
 Compose does, and every command line in them is parsed by the real command's own parser -- maxfl through
-typer/click introspection of `maxfl.cli.app`, flower-superlink and flower-superexec through Flower's argparse
+typer/click introspection of `launcher.cli.app`, flower-superlink and flower-superexec through Flower's argparse
 parsers, `mlflow server` through MLflow's click command, the healthchecks through compose/healthcheck.py --
 so a flag that does not exist, or a command that is not there, fails here. The files are also validated
 against the Compose Specification's JSON schema (compose-spec.json beside this file: compose-spec/compose-spec
@@ -270,7 +270,7 @@ def parse_maxfl(args: list[str]) -> dict[str, Any]:
     import click
     import typer
 
-    from maxfl.cli import app
+    from launcher.cli import app
 
     command: click.Command = typer.main.get_command(app)
     ctx = click.Context(command, info_name="maxfl")
@@ -398,11 +398,11 @@ def test_images_build_from_the_dockerfile_targets(stack: str) -> None:
 # ================================================================ the anchor
 def test_the_superlink_runs_what_maxfl_federation_superlink_runs_plus_process_isolation() -> None:
     """The command is the flower-superlink argv of `maxfl federation superlink --dir /federation --superexec-secret-file
-    ...` (process isolation: the ServerApp in its own container): a change to fl_server.provision.superlink_argv shows here."""
+    ...` (process isolation: the ServerApp in its own container): a change to fl_server.federation.provision.superlink_argv shows here."""
     try:
-        from fl_server.provision import Federation, FederationInfo, superlink_argv
+        from fl_server.federation.provision import Federation, FederationInfo, superlink_argv
     except ImportError as exc:  # pragma: no cover - the anchor's provisioning is part of the project
-        pytest.fail(f"fl_server.provision (maxfl federation) is needed to check the superlink service: {exc}")
+        pytest.fail(f"fl_server.federation.provision (maxfl federation) is needed to check the superlink service: {exc}")
     svc = services("anchor")["superlink"]
     args = argv(svc)
     assert args[0] == "flower-superlink"
@@ -459,7 +459,7 @@ def _secret_file(svc: dict[str, Any], args: list[str]) -> str:
 
 
 def test_the_serverapp_executor_runs_only_allowed_serverapps_and_attaches_to_the_superlink_over_tls() -> None:
-    from fl_server.serverapp_policy import superexec_argv
+    from fl_server.federation.serverapp_policy import superexec_argv
 
     link, app = services("anchor")["superlink"], services("anchor")["serverapp"]
     link_args, args = argv(link), argv(app)

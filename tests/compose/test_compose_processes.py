@@ -62,7 +62,7 @@ def _app_snapshot(dest: Path) -> tuple[Path, str]:
     import hashlib
 
     from fl_client.app_policy import build_fab
-    from maxfl.local.federation import find_app_dir
+    from launcher.federation import find_app_dir
 
     fab, _, _ = build_fab(find_app_dir())
     with zipfile.ZipFile(io.BytesIO(fab)) as archive:
@@ -73,9 +73,9 @@ def _app_snapshot(dest: Path) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from fl_client.join import keygen, load_kit
-    from fl_server.provision import add_plant, init_federation, load_federation
-    from fl_server.serverapp_policy import allow_serverapp
-    from maxfl.local.processes import ProcessGroup, descendants, free_port
+    from fl_server.federation.provision import add_plant, init_federation, load_federation
+    from fl_server.federation.serverapp_policy import allow_serverapp
+    from launcher.processes import ProcessGroup, descendants, free_port
     from tasks import get_task
 
     root = tmp_path_factory.mktemp("compose")

@@ -37,8 +37,8 @@ def test_reference_pages_list_every_key_and_command_the_code_has(site: Path) -> 
     import typer.core
 
     from fl_client.config import PlantConfig
-    from fl_server.config import RunConfig
-    from maxfl.cli import app
+    from fl_server.run.config import RunConfig
+    from launcher.cli import app
 
     run_config = (site / "reference/run-config/index.html").read_text(encoding="utf-8")
     assert all(f"<code>{name.replace('_', '-')}</code>" in run_config for name in RunConfig.model_fields)

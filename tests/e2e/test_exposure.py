@@ -25,9 +25,9 @@ import httpx
 import pytest
 
 from fl_client.join import keygen, load_kit
-from fl_server.provision import init_federation
-from maxfl.local.federation import FederationSettings, LocalFederation
-from maxfl.local.processes import descendants, free_port, pid_alive
+from fl_server.federation.provision import init_federation
+from launcher.federation import FederationSettings, LocalFederation
+from launcher.processes import descendants, free_port, pid_alive
 from tests.e2e.test_local_federation import _assert_nothing_left
 from tests.e2e.test_secure_federation import _app_snapshot
 
@@ -128,7 +128,7 @@ def test_a_serverapp_the_anchor_did_not_allow_is_refused_even_on_its_own_port(fe
     """Defence in depth: whoever reaches the SuperLink's own (loopback) port still cannot run code on the anchor."""
     from fl_client.app_policy import fab_hash
     from maxfl.audit import AuditLog
-    from tests.fl_server.test_serverapp_policy import ROGUE_APP, ROGUE_PYPROJECT
+    from tests.fl_server.federation.test_serverapp_policy import ROGUE_APP, ROGUE_PYPROJECT
 
     app = tmp_path / "rogue"
     app.mkdir()
@@ -255,7 +255,7 @@ def _client_cert(folder: Path, ca_cert: Path | None, ca_key: Path | None, name: 
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from fl_server.provision import _pem, _pem_key, issue_client_cert, make_ca
+    from fl_server.federation.provision import _pem, _pem_key, issue_client_cert, make_ca
 
     if ca_cert is None:
         ca, key = make_ca("forged", 30)
@@ -279,7 +279,7 @@ def _admin_status(address: str, ca: Path, cert: tuple[Path, Path] | None, path: 
 
 
 def test_an_admin_certificate_from_the_ca_reaches_the_control_api_and_nothing_else_does(tmp_path):
-    from fl_server.provision import add_admin
+    from fl_server.federation.provision import add_admin
 
     port, own, admin_port, tunnel_port = free_port(), free_port(), free_port(), free_port()
     fed = init_federation(tmp_path / "fed", "acme", f"127.0.0.1:{port}", control_address=f"127.0.0.1:{own}")
@@ -389,8 +389,8 @@ def test_a_plant_outside_loopback_joins_through_the_proxy_and_reaches_nothing_el
     from fl_client.app_policy import fab_hash
     from fl_client.config import PlantConfig
     from fl_client.join import node_id_from_log
-    from fl_server.provision import add_plant
-    from fl_server.proxy import port_free
+    from fl_server.federation.provision import add_plant
+    from fl_server.federation.proxy import port_free
     from tasks import get_task
 
     port = next(p for p in iter(free_port, None) if port_free(f"{netns.host_ip}:{p}"))

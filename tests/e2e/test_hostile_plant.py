@@ -7,7 +7,7 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 
 from .test_local_federation import _assert_nothing_left
 

@@ -10,8 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from maxfl.errors import ProcessError
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
-from maxfl.local.processes import descendants, pid_alive
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.processes import descendants, pid_alive
 from privacy.ledger import Ledger
 
 pytestmark = pytest.mark.e2e

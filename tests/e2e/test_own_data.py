@@ -20,7 +20,7 @@ from PIL import Image
 
 from maxfl.atomic import atomic_write_text
 from maxfl.errors import DataError
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from tasks.manifest import MANIFEST_FILE, Manifest, dump_manifest
 from tests.e2e.test_local_federation import _assert_nothing_left
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fl_server.registry import CANDIDATE, CHAMPION, Registry
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from fl_server.release.registry import CANDIDATE, CHAMPION, Registry
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from maxfl.release import sha256_hex
 
 from .test_local_federation import _assert_nothing_left
@@ -63,7 +63,7 @@ def test_train_gate_register_push_serve_and_roll_back(tmp_path):
     settings = FederationSettings(
         app_dir=find_app_dir(), workdir=tmp_path / "work", plants=2, examples_per_plant=80,
         # One DP round on 80 cells may or may not beat a constant answer (DP noise): the trivial-baseline rule is
-        # off here (tests/fl_server/test_gate.py checks it), so the release path is what this test decides.
+        # off here (tests/fl_server/release/test_gate.py checks it), so the release path is what this test decides.
         run_overrides={"num-server-rounds": 1, "gate-trivial-margin": -1.0},
     )
     fed = LocalFederation(settings, echo=print)

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fl_server.checkpoint import CHECKPOINT_TAG
-from fl_server.tracking import FLWR_RUN_IDS_TAG
+from fl_server.run.checkpoint import CHECKPOINT_TAG
+from fl_server.run.tracking import FLWR_RUN_IDS_TAG
 from maxfl.audit import AuditLog
 from maxfl.errors import ProcessError
-from maxfl.local.federation import FederationSettings, LocalFederation
-from maxfl.local.processes import descendants
+from launcher.federation import FederationSettings, LocalFederation
+from launcher.processes import descendants
 
 from .test_local_federation import _assert_nothing_left
 from .test_secure_federation import _app_snapshot

@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from fl_client.join import NotRegisteredError, cert_fingerprint, keygen, load_kit, short
-from fl_server.provision import init_federation
+from fl_server.federation.provision import init_federation
 from maxfl.audit import AuditLog
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from tests.e2e.test_local_federation import _assert_nothing_left
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ from edge.store import EdgeStore
 from mlflow.tracking import MlflowClient
 
 from maxfl.errors import ProcessError
-from maxfl.local.federation import FederationSettings, LocalFederation, find_app_dir
+from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from tasks import task_names
 
 pytestmark = pytest.mark.e2e

@@ -268,7 +268,7 @@ def in_process_server(plant_config: Any, model_name: str | None, max_batch: int 
 
     from edge.server import Limits, ModelWatcher, create_app, uvicorn_limits
     from edge.store import EdgeStore
-    from maxfl.local.processes import free_port
+    from launcher.processes import free_port
 
     config = Limits(max_batch=max_batch, max_body_bytes=max_body_bytes, **limits)
     watcher = ModelWatcher(EdgeStore(plant_config.edge_store_path()), plant_config, model_name, poll_s=0.05, image_limits=config.image)
@@ -316,7 +316,7 @@ def process_server(plant_config: Any, model_name: str | None, log_dir: Path, arg
     """
     import httpx
 
-    from maxfl.local.processes import ProcessGroup, free_port
+    from launcher.processes import ProcessGroup, free_port
 
     port = free_port()
     if argv is None:

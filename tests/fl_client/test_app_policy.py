@@ -358,7 +358,7 @@ def _http_ok(url: str) -> bool:
 
 @pytest.mark.e2e
 def test_a_real_plant_refuses_an_app_it_did_not_allow_and_runs_the_one_it_did(tmp_path):
-    from maxfl.local.processes import ProcessGroup, free_port
+    from launcher.processes import ProcessGroup, free_port
 
     app = make_app(tmp_path)
     digest = fab_hash(app)

@@ -26,8 +26,8 @@ from fl_client.join import (
     JoinError, JoinKit, cert_fingerprint, check_kit, keygen, load_kit, prepare_join, rejected_by_superlink, short, supernode_argv,
     tls_precheck, warm_exec_argv,
 )
-from fl_server.provision import Federation, add_plant, init_federation, issue_server_cert, make_ca, write_kit
-from maxfl.local.processes import free_port
+from fl_server.federation.provision import Federation, add_plant, init_federation, issue_server_cert, make_ca, write_kit
+from launcher.processes import free_port
 
 
 @contextmanager
@@ -307,7 +307,7 @@ def test_a_refused_key_is_told_apart_from_a_network_or_tls_failure():
 # ---------------------------------------------------------------- the command line: one line per mistake
 def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     from fl_client import plant_cli
-    from maxfl import cli
+    from launcher import cli
 
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # main() installs handlers meant for a process of its own
     monkeypatch.setattr(sys, "argv", ["maxfl", *args])
@@ -362,5 +362,5 @@ def test_a_kit_rewritten_in_place_is_whole(fed, plant):
     info = JoinKit.model_validate_json((plant["kit"] / "kit.json").read_text())
     write_kit(fed, info.model_copy(update={"node_id": 7}))
     assert JoinKit.model_validate_json((plant["kit"] / "kit.json").read_text()).node_id == 7
-    assert sorted(p.name for p in plant["kit"].iterdir()) == ["README.md", "ca.crt", "kit.json"]
+    assert sorted(p.name for p in plant["kit"].iterdir()) == ["README.ko.md", "README.md", "ca.crt", "kit.json"]
     assert [p.name for p in plant["kit"].parent.iterdir()] == ["plant-1"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from maxfl.errors import ProcessError
-from maxfl.local.processes import ProcessGroup, free_port
+from launcher.processes import ProcessGroup, free_port
 
 
 def test_supernode_that_cannot_reach_the_superlink_exits_and_is_reported(tmp_path):

@@ -36,7 +36,7 @@ class RecordingTracker:
 @pytest.fixture(autouse=True)
 def _fresh_identities():
     """Each test's replies are attributed afresh: plant ids pinned to nodes in one test do not carry over."""
-    from fl_server.identity import PlantIdentities, use_identities
+    from fl_server.run.identity import PlantIdentities, use_identities
 
     previous = use_identities(PlantIdentities())
     yield
