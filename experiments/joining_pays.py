@@ -141,7 +141,8 @@ def headline_metric(task: str) -> str:
 
 
 def summary(seeds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and sd over seeds of the pooled figures and of how many plants' served model scored below local."""
+    """Mean and sd over seeds of the pooled figures and of how many plants' served model scored below local
+    (at all, and with the paired-bootstrap interval below zero)."""
     def stat(values: list[float]) -> dict[str, float]:
         return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -157,6 +158,9 @@ def summary(seeds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         below = [sum(s["arms"][arm]["scores"][p]["eval_macro_f1"] < s["arms"]["local"]["scores"][p]["eval_macro_f1"]
                      for p in s["records"]) for s in seeds]
         out[f"{arm}/plants_below_local"] = stat([float(b) for b in below])
+        # below with the 95% paired-bootstrap interval of served - local macro-F1 entirely under zero
+        surely = [sum(v["high"] < 0 for v in s["arms"][arm]["served_minus_local_macro_f1"].values()) for s in seeds]
+        out[f"{arm}/plants_significantly_below_local"] = stat([float(b) for b in surely])
     return out
 
 
@@ -256,8 +260,9 @@ def main() -> None:
             "defect_eps3_served_macro_f1": (stats["eps3/served/pooled/eval_macro_f1"], seed_list),
             "defect_eps3_served_auroc": (stats["eps3/served/pooled/eval_auroc"], seed_list),
             "defect_eps3_plants_below_local": (stats["eps3/served/plants_below_local"], seed_list),
+            "defect_eps3_plants_significantly_below_local": (stats["eps3/served/plants_significantly_below_local"], seed_list),
             "defect_nodp_best_macro_f1": (stats["nodp/served/pooled/eval_macro_f1"], seed_list),
-        }, command, commit)
+        }, command, commit, args.note)
     if args.task == "process":
         update_headline({
             "process_eps3_detection_at_5pct_fa": (stats["eps3/global/pooled/eval_detection_at_5pct_false_alarms"], seed_list),
