@@ -180,6 +180,13 @@ def _describe(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:500] or type(exc).__name__
 
 
+def _identity(installed: InstalledModel) -> tuple[object, ...]:
+    """What a runtime serves. The plant's own variant of a version arrives after the release itself
+    (personalisation takes seconds): the same version with another file to serve is another model to load."""
+    record = installed.variant_record
+    return installed.manifest.version, installed.manifest.sha256, installed.variant, record.sha256 if record else None
+
+
 class ModelWatcher:
     """Keeps `runtime` at the store's current version of the model; `model_name` None: the first that appears."""
 
@@ -194,6 +201,7 @@ class ModelWatcher:
         self.runtime: Runtime | None = None
         self.problem: str | None = None  # why the version serving is not the one the pointer names (or none serves)
         self._seen: bytes | None = None
+        self._identity: tuple[object, ...] | None = None  # what `runtime` serves: version, release and variant hashes
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -222,7 +230,8 @@ class ModelWatcher:
                     self._failed(f"{self.model_name} has no current version ({self.store.pointer(self.model_name)} is missing)", None)
                 return
             m, old = installed.manifest, self.runtime
-            if old is not None and (old.manifest.version, old.manifest.sha256) == (m.version, m.sha256):
+            identity = _identity(installed)
+            if old is not None and identity == self._identity:
                 self.problem = None
                 return
             started = time.perf_counter()
@@ -231,8 +240,9 @@ class ModelWatcher:
             except Exception as exc:  # noqa: BLE001 - whatever a broken release raises, the old version keeps serving
                 self._failed(f"{m.label} failed to load: {_describe(exc)}", m.version)
                 return
-            self.runtime, self.problem = new, None
-            log.info("now serving %s (sha256 %s, task %s; loaded in %.2f s)%s", m.label, m.sha256[:12], m.task,
+            self.runtime, self.problem, self._identity = new, None, identity
+            variant = "" if installed.variant == "global" else f", this plant's {installed.variant} variant"
+            log.info("now serving %s%s (sha256 %s, task %s; loaded in %.2f s)%s", m.label, variant, m.sha256[:12], m.task,
                      time.perf_counter() - started, f", was v{old.manifest.version}" if old else "")
 
     def _failed(self, why: str, version: int | None) -> None:
@@ -249,6 +259,7 @@ class ModelWatcher:
         for installed in self.store.fallbacks(self.model_name, skip=broken):
             try:
                 self.runtime = load_runtime(self.store, installed, self.plant, self.threads, self.image_limits)
+                self._identity = _identity(installed)
             except Exception as exc:  # noqa: BLE001 - an older version may be damaged too: try the next
                 log.warning("fallback %s does not load either: %s", installed.manifest.label, _describe(exc))
                 continue

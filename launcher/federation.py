@@ -45,6 +45,7 @@ from fl_client.join import (
 from fl_server.run.config import RunConfig
 from fl_server.federation.provision import Federation, add_plant, flwr_register, init_federation, proxy_config, superlink_argv
 from fl_server.federation.proxy import caddy_argv, caddy_binary, caddy_env, healthy, write_config
+from edge.store import EdgeStore, EdgeStoreError, InstalledModel
 from fl_client.app_policy import fab_hash
 from fl_server.federation.serverapp_policy import AUDIT_ENV, allow_serverapp, superexec_argv
 from fl_server.run.tracking import check_reachable
@@ -673,14 +674,21 @@ class LocalFederation:
     def edge_health(self, plant: str) -> dict[str, Any]:
         return httpx.get(f"{self.edge_urls[plant]}/health", timeout=5.0).json()
 
-    def wait_for_edge(self, version: int | None, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
-        """Each edge server's health once it serves `version` (they pick up an install within a second); None: now."""
+    def wait_for_edge(self, version: int | None, model_name: str = "", timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+        """Each edge server's health once it serves `version` (they pick up an install within a second); None: now.
+        With `model_name`, also the variant the plant's store has current: the plant installs its personalised
+        variant after the release itself, so a server seen on the release alone may be about to swap."""
         deadline = time.monotonic() + timeout_s
         health: dict[str, dict[str, Any]] = {}
+        stores = {p.plant_id: EdgeStore(p.edge_store_path()) for p in self.plants}
         for plant in self.edge_urls:
             while True:
                 health[plant] = self.edge_health(plant)
-                if version is None or (health[plant].get("model") or {}).get("version") == version or time.monotonic() > deadline:
+                model = health[plant].get("model") or {}
+                current = _current(stores.get(plant), model_name)
+                want = (version, current.variant) if current is not None and current.manifest.version == version else (version, None)
+                if version is None or time.monotonic() > deadline or (
+                        model.get("version") == want[0] and want[1] in (None, model.get("variant", "global"))):
                     break
                 time.sleep(0.2)
         return health
@@ -739,7 +747,7 @@ class LocalFederation:
         if champion is not None:
             lines.append(f"champion: {cfg.model_name()} v{champion.version}")
         pushed = champion.version if champion is not None and tags.get("maxfl.gate", "").startswith("passed") else None
-        for plant, health in self.wait_for_edge(pushed).items():
+        for plant, health in self.wait_for_edge(pushed, cfg.model_name()).items():
             model = health.get("model") or {}
             serving = f"{model.get('name')} v{model.get('version')}" if model else "no model"
             served[plant] = serving + (f" ({model['variant']})" if model.get("variant") else "")  # the table says which variant
@@ -813,6 +821,14 @@ def _size(path: Path) -> int:
 
 # The exception that ended a ServerApp, as Flower's log stream shows it: "...RunAborted: round 1: ..."
 _SERVER_ERROR = re.compile(r"(?:maxfl\.errors\.\w+|RunAborted|\w+Error): (.+)$")
+
+
+def _current(store: EdgeStore | None, model_name: str) -> InstalledModel | None:
+    """The store's current installed model, or None (no name, no store, nothing current, a damaged store)."""
+    try:
+        return store.current(model_name) if store is not None and model_name else None
+    except EdgeStoreError:
+        return None
 
 
 def _is_progress(line: str) -> bool:

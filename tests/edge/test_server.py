@@ -263,6 +263,27 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(tmp_path):
     assert watcher.runtime.manifest.version == 3 and "current.json is corrupt" in watcher.problem
 
 
+def test_the_plants_own_variant_installed_after_its_release_is_served_without_a_restart(tmp_path):
+    """The release is installed (and served) first; the plant's personalised variant of the same version follows
+    once personalisation is done, and the watcher must load it although version and release are unchanged."""
+    from tests.edge.conftest import FAKE_TASKS, linear_onnx
+
+    cfg = plant(tmp_path)
+    store = EdgeStore(cfg.edge_store_path())
+    manifest, onnx = release("fake-window", 1)
+    store.install(manifest, onnx)
+    watcher = ModelWatcher(store, cfg, None)
+    watcher.check()
+    assert watcher.runtime is not None and watcher.runtime.variant == "global"
+    store.install_variant(manifest, "personalised", linear_onnx(FAKE_TASKS["fake-window"].shape, [7.0, 0.0]), "eval_macro_f1", {"global": 0.5})
+    watcher.check()
+    assert watcher.runtime.variant == "personalised" and watcher.runtime.manifest.version == 1
+    answer = watcher.runtime.predict([WINDOW])
+    assert answer[0]["logits"][0] == 7.0  # the variant's own weights answer, not the release's
+    watcher.check()  # nothing changed since: nothing is reloaded
+    assert watcher.runtime.variant == "personalised"
+
+
 def _collapse(versions: list[int]) -> list[int]:
     return [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v]
 
