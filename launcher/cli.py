@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -112,7 +113,8 @@ def _plants_table(rows: list[dict]) -> Table:
                   title="this run's model at each plant (held-out split)")
     for r in rows:
         eps = " / ".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("epsilon_run", "epsilon_lifetime"))
-        table.add_row(r["plant"], *("-" if m not in r else f"{r[m]:.3f}" for m in metrics), eps, r.get("served") or "-")
+        served = re.sub(r"^\S+ (?=v\d)", "", r.get("served") or "-")  # "v2 (personalised)": the model's name is in the lines above
+        table.add_row(r["plant"], *("-" if m not in r else f"{r[m]:.3f}" for m in metrics), eps, served)
     return table
 
 

@@ -34,6 +34,9 @@ def _read(data_dir: Path, seed: int) -> tuple[Manifest, RawTable]:
     return manifest, read_table(data_dir, manifest, seed)
 
 
+TABLE_TRAINING = TrainingDefaults(local_epochs=10, learning_rate=0.1)  # classifiers (TableTask.training_defaults)
+
+
 class TableTask:
     name = "table"
     models = ("mlp", "linear")
@@ -60,7 +63,11 @@ class TableTask:
         return model  # served as trained: the edge's adapter builds the same inputs
 
     def training_defaults(self, spec: TaskSpec) -> TrainingDefaults:
-        return TrainingDefaults()
+        """A classifier trains 10 local epochs at 0.1: with one epoch at 0.05 a few hundred rows per plant gave,
+        after 3 DP rounds at epsilon 3, a model that answers the majority class everywhere (macro-F1 0.41 over
+        three suppliers' tables; 0.68 with these; 0.62 and 0.79 without DP)."""
+        assert isinstance(spec, TableSpec)
+        return TABLE_TRAINING if spec.problem == "classification" else TrainingDefaults()
 
     def input_example(self, spec: TaskSpec) -> np.ndarray:
         assert isinstance(spec, TableSpec)
