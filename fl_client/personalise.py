@@ -6,8 +6,9 @@ weights (personalised), trains the same model from scratch on the rest (local-on
 best on validation, preferring the global model on ties; the chosen one is then trained again on all training
 records. For a model whose only trained layer is linear (a head on fixed features), a blend of the global and the
 local-only weights is personalised too: there it is exactly the ensemble of their logits (the mixture of APFL,
-Deng et al. 2020, with the mixing weight picked on validation). None of this leaves the plant, so no privacy budget is spent and the ledger is not touched: only the
-name of the chosen variant and its validation scores go back in the deploy acknowledgement.
+Deng et al. 2020, with the mixing weight picked on validation). None of this leaves the plant, so no privacy
+budget is spent and the ledger is not touched: only the name of the chosen variant and its validation scores go
+back in the deploy acknowledgement.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from maxfl.weights import trained_layers
 from tasks.base import MiniBatches, PlantData, Task, TaskSpec, TrainSettings, scheduled_learning_rate
 from tasks.defect.split import holdout_split
 
@@ -106,7 +108,7 @@ def _pulled_towards(model: nn.Module, anchor: nn.Module, strength: float) -> Ite
 def is_linear_head(model: nn.Module) -> bool:
     """Exactly one layer with trained weights, and it is linear: blending two such models' weights blends their
     logits, whatever fixed features (parameter-free statistics, a frozen backbone) come before it."""
-    trained = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    trained = trained_layers(model)
     return len(trained) == 1 and isinstance(trained[0], nn.Linear)
 
 

@@ -37,3 +37,8 @@ def unpack_into(model: nn.Module, record: ArrayRecord) -> nn.Module:
         offset += tensor.numel()
     model.load_state_dict(loaded)
     return model
+
+
+def trained_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules holding weights that train (a frozen backbone's do not): what DP-SGD clips and what travels."""
+    return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]

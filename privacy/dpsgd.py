@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from maxfl.errors import ConfigError, UserError
+from maxfl.weights import trained_layers
 from privacy.accountant import Mechanism
 from tasks.base import PlantData, TrainSettings
 
@@ -37,7 +38,7 @@ def grad_sample_mode_for(model: nn.Module) -> GradSampleMode:
     from its activations and output gradients, so the batch x weights per-record gradients are never stored.
     On the default head it measured within noise of per-record hooks up to batch 128 and faster at 256, the batch
     of plants with a thousand records or more (experiments/dp_cost.py). Hooks otherwise: faster on the CNNs."""
-    trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    trainable = trained_layers(model)
     return "ghost" if trainable and all(isinstance(m, nn.Linear) for m in trainable) else "hooks"
 
 
