@@ -37,22 +37,22 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edge.store import EdgeStore, EdgeStoreError, InstalledModel
+from fl_client.app_policy import fab_hash
 from fl_client.config import PLANT_ID_PATTERN, PlantConfig
 from fl_client.join import (
     PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, NotRegisteredError, keygen, node_id_from_log, not_registered_message, prepare_join,
     rejected_by_superlink, supernode_argv, warm_exec_argv,
 )
-from fl_server.run.config import RunConfig
 from fl_server.federation.provision import Federation, add_plant, flwr_register, init_federation, proxy_config, superlink_argv
 from fl_server.federation.proxy import caddy_argv, caddy_binary, caddy_env, healthy, write_config
-from edge.store import EdgeStore, EdgeStoreError, InstalledModel
-from fl_client.app_policy import fab_hash
 from fl_server.federation.serverapp_policy import AUDIT_ENV, allow_serverapp, superexec_argv
+from fl_server.run.config import RunConfig
 from fl_server.run.tracking import check_reachable
+from launcher.processes import Managed, ProcessGroup, free_port, port_is_free, strip_ansi
 from maxfl.atomic import atomic_write_text
 from maxfl.audit import AuditLog
 from maxfl.errors import ConfigError, DataError, ProcessError, UserError
-from launcher.processes import Managed, ProcessGroup, free_port, port_is_free, strip_ansi
 from tasks import get_task
 from tasks.base import TaskOptions, resolve_model
 from tasks.features import get_backbone
