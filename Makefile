@@ -4,13 +4,15 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 ARGS   ?=
+# pytest-xdist workers; whole test files go to one worker, so a module's shared federation starts once.
+TEST_WORKERS ?= 2
 
 .PHONY: federation test env clean
 federation: $(STAMP)
 	$(VENV)/bin/maxfl federate $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 env: $(STAMP)
 

@@ -5,10 +5,12 @@ minus the slowest plant's local training time; the ServerApp logs both per round
 columns split it: each phase's wall time minus the slowest plant's own work in that phase. Peak memory = the highest sum
 of RSS over every process of the federation (MLflow, SuperLink, ServerApp, SuperNodes, ClientApps).
 
-    .venv/bin/python experiments/round_overhead.py --plants 3 --rounds 4
+    .venv/bin/python experiments/round_overhead.py --plants 5 --rounds 4
 
-Compares Flower's defaults (a new ClientApp process per message, 3 s polling) with maxfl's warm
-executors and LAN-sized polling. Prints a table; writes experiments/results/round_overhead.json.
+Compares Flower's defaults (a new ClientApp process per message, 3 s polling) with maxfl's resident
+task processes and LAN-sized polling, side by side in one run. Also: each plant's memory at rest (its
+SuperNode and executor, PSS, before the run) and the bytes of its update per round against the model's fp32
+size. Prints a table; writes experiments/results/round_overhead.json.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
 
-from maxfl.atomic import atomic_write_text
 from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from launcher.processes import descendants
+from maxfl.atomic import atomic_write_text
+from provenance import provenance
 
 RESULTS = Path(__file__).parent / "results" / "round_overhead.json"
 
@@ -62,37 +66,70 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
-def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll_s: float) -> dict[str, object]:
+def _pss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            total += _kib(Path(f"/proc/{pid}/smaps_rollup"), "Pss:")
+        except OSError:
+            continue
+    return total / 1024
+
+
+def plant_pss_mib(fed: LocalFederation) -> dict[str, float]:
+    """Each plant's SuperNode and executor (with whatever they forked), PSS in MiB."""
+    out: dict[str, float] = {}
+    for plant in fed.s.plant_ids:
+        roots = [m.popen.pid for m in fed.procs.procs if m.name in (f"supernode-{plant}", f"warm-exec-{plant}")]
+        out[plant] = _pss_mib(roots + [d for r in roots for d in descendants(r)])
+    return out
+
+
+def _round_metrics(client, run_id: str, rounds: int) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
+    per_round = []
+    for step in range(1, rounds + 1):
+        row = {}
+        for key in ("round_overhead_s", "round_wall_s", "round_train_overhead_s", "round_eval_overhead_s", "model_bytes"):
+            row[key] = next(m.value for m in client.get_metric_history(run_id, key) if m.step == step)
+        sizes = [m.value for k in client.get_run(run_id).data.metrics if k.endswith("/update_bytes")
+                 for m in client.get_metric_history(run_id, k) if m.step == step]
+        row["update_bytes_max"] = max(sizes)
+        per_round.append(row)
+    return per_round
+
+
+def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll_s: float, encoding: str) -> dict[str, object]:
     from mlflow.tracking import MlflowClient
 
     settings = FederationSettings(
         app_dir=find_app_dir(), workdir=workdir, plants=plants, warm=warm,
-        run_overrides={"num-server-rounds": rounds, "poll-interval-s": poll_s, "min-plants": min(plants, 2)},
+        run_overrides={"num-server-rounds": rounds, "poll-interval-s": poll_s, "min-plants": min(plants, 2), "update-encoding": encoding},
     )
     sampler = MemorySampler()
     sampler.start()
     started = time.perf_counter()
-    result = LocalFederation(settings, echo=lambda _line: None).run()
+    with LocalFederation(settings, echo=lambda _line: None) as fed:
+        time.sleep(5)  # the plants settle: started, registered, nothing to do
+        rest = plant_pss_mib(fed)
+        result = fed.submit_run()
+        after = plant_pss_mib(fed)
     total_s = time.perf_counter() - started
     sampler.stop()
     # The federation (MLflow server included) is stopped by now: read its store directly.
     client = MlflowClient(f"sqlite:///{workdir.resolve() / 'mlflow' / 'mlflow.db'}")
-    per_round = []
-    for step in range(1, rounds + 1):
-        row = {}
-        for key in ("round_overhead_s", "round_wall_s", "round_train_overhead_s", "round_eval_overhead_s"):
-            values = [m.value for m in client.get_metric_history(result.mlflow_run_id, key) if m.step == step]
-            row[key] = values[0]
-        per_round.append(row)
+    per_round = _round_metrics(client, result.mlflow_run_id, rounds)
     overheads = [r["round_overhead_s"] for r in per_round]
     return {
-        "setup": name, "plants": plants, "rounds": rounds, "warm_executors": warm, "server_poll_s": poll_s,
+        "setup": name, "plants": plants, "rounds": rounds, "warm_executors": warm, "server_poll_s": poll_s, "update_encoding": encoding,
         "overhead_per_round_s_median": statistics.median(overheads),
         "overhead_per_round_s_max": max(overheads),
         "overhead_per_round_s_after_first_median": statistics.median(overheads[1:]) if rounds > 1 else None,
         "wall_per_round_s_median": statistics.median(r["round_wall_s"] for r in per_round),
         "train_phase_overhead_s_median": statistics.median(r["round_train_overhead_s"] for r in per_round),
         "eval_phase_overhead_s_median": statistics.median(r["round_eval_overhead_s"] for r in per_round),
+        "update_bytes_per_plant_round": max(r["update_bytes_max"] for r in per_round),
+        "model_fp32_bytes": per_round[0]["model_bytes"],
+        "plant_pss_at_rest_mib": rest, "plant_pss_after_run_mib": after,
         "peak_rss_sum_mib": sampler.peak_rss / 2**20,
         "peak_pss_sum_mib": sampler.peak_pss / 2**20,
         "total_s": total_s, "per_round": per_round, "mlflow_run_id": result.mlflow_run_id,
@@ -101,29 +138,41 @@ def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plants", type=int, default=3)
+    parser.add_argument("--plants", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=Path(".maxfl-bench"))
     parser.add_argument("--setups", default="defaults,warm", help="comma-separated: defaults, warm")
+    parser.add_argument("--update-encoding", default="fp32", choices=("fp32", "fp16"))
+    parser.add_argument("--commit", default="", help="the commit a copy of the tree (no .git) was made from")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     setups = {
         "defaults": ("flower defaults", False, 3.0),
-        "warm": ("maxfl warm + LAN polling", True, 0.1),
+        "warm": ("maxfl resident + LAN polling", True, 0.1),
     }
     rows = [
-        measure(name, args.workdir / key, args.plants, args.rounds, warm=warm, poll_s=poll_s)
+        measure(name, args.workdir / key, args.plants, args.rounds, warm=warm, poll_s=poll_s, encoding=args.update_encoding)
         for key in args.setups.split(",")
         for name, warm, poll_s in [setups[key]]
     ]
-    print(f"{'setup':<26} {'overhead/round':>15} {'(max)':>7} {'train ph.':>10} {'eval ph.':>9} {'wall/round':>11}"
-          f" {'peak PSS':>10} {'peak RSS':>10}")
+    print(f"{'setup':<30} {'overhead/round':>15} {'(max)':>7} {'train ph.':>10} {'eval ph.':>9} {'wall/round':>11}"
+          f" {'plant PSS rest':>15} {'update/fp32':>12} {'peak PSS':>10}")
     for r in rows:
-        print(f"{r['setup']:<26} {r['overhead_per_round_s_median']:>13.2f} s {r['overhead_per_round_s_max']:>5.1f} s"
+        rest = max(r["plant_pss_at_rest_mib"].values())
+        ratio = r["update_bytes_per_plant_round"] / r["model_fp32_bytes"]
+        print(f"{r['setup']:<30} {r['overhead_per_round_s_median']:>13.2f} s {r['overhead_per_round_s_max']:>5.1f} s"
               f" {r['train_phase_overhead_s_median']:>8.2f} s {r['eval_phase_overhead_s_median']:>7.2f} s"
-              f" {r['wall_per_round_s_median']:>9.1f} s {r['peak_pss_sum_mib']:>6.0f} MiB {r['peak_rss_sum_mib']:>6.0f} MiB")
-    print("median over rounds; overhead = round wall time - slowest plant's local training time")
-    atomic_write_text(RESULTS, json.dumps({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}, indent=2))
-    print(f"results: {RESULTS}")
+              f" {r['wall_per_round_s_median']:>9.1f} s {rest:>11.0f} MiB {ratio:>11.3f}x {r['peak_pss_sum_mib']:>6.0f} MiB")
+    print("median over rounds; overhead = round wall time - slowest plant's local training time; plant PSS: the largest plant's")
+    if len(rows) == 2:
+        print(f"overhead ratio, {rows[0]['setup']} / {rows[1]['setup']}: "
+              f"{rows[0]['overhead_per_round_s_median'] / rows[1]['overhead_per_round_s_median']:.1f}x")
+    out = {**provenance(), "command": "python experiments/round_overhead.py " + " ".join(sys.argv[1:]),
+           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count(), "rows": rows}
+    if args.commit:
+        out["commit"] = args.commit
+    atomic_write_text(args.out, json.dumps(out, indent=2))
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

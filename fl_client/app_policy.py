@@ -148,6 +148,9 @@ class AppGate:
     def __init__(self) -> None:
         self.allowed_hash: str | None = None
         self.refused: AppRefused | None = None
+        # FAB hash -> where this process installed it: a resident task process (fl_client.warm_exec) runs every
+        # task of its run, and each is checked again, but the same checked bytes are installed once.
+        self.installed: dict[str, Path] = {}
 
     def wrap_pull(self, pull: PullTaskInput) -> PullTaskInput:
         def pull_task_input(client: Any) -> tuple[Message, Context, Run, Fab]:
@@ -171,7 +174,10 @@ class AppGate:
             content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
             if self.allowed_hash is None or hashlib.sha256(content).hexdigest() != self.allowed_hash:
                 raise AppRefused("the plant did not check this FAB before its installation; the app was not run")
-            return install(content, *args, **kwargs)
+            if (done := self.installed.get(self.allowed_hash)) is not None and done.is_dir():
+                return done
+            path = self.installed[self.allowed_hash] = install(content, *args, **kwargs)
+            return path
 
         install_from_fab.__wrapped__ = install  # type: ignore[attr-defined]
         return install_from_fab

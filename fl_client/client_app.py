@@ -13,7 +13,8 @@ from torch import nn
 
 from fl_client.config import PlantConfig
 from fl_client.fault_drill import fault_drill_mod
-from fl_client.mods import central_clipping_mod, plant_declines_mod
+from fl_client.mods import central_clipping_mod, plant_declines_mod, update_encoding_mod
+from fl_client.resident import plant_data
 from maxfl.errors import ConfigError, UserError
 from maxfl.messages import (
     ACK, ARRAYS, CONFIG, DEPLOY, FINGERPRINT_KEY, METRICS, ONNX, PLANT, PRIVACY_PREFIX, PROFILE, RELEASE, WEIGHT_KEY, DataQuery, DeployAck,
@@ -42,7 +43,7 @@ def _prepare(msg: Message, context: Context) -> tuple[PlantConfig, RoundInstruct
         spec = task.spec_type.model_validate_json(instructions.task_spec)
     except ValidationError as exc:
         raise ConfigError(f"the anchor sent an unreadable {task.name} task spec ({exc.error_count()} error(s))") from None
-    data = task.load_plant_data(plant.data_dir, instructions.seed, spec)
+    data = plant_data(task, plant.data_dir, instructions.seed, spec)
     return plant, instructions, task, spec, data
 
 
@@ -64,7 +65,8 @@ def query(msg: Message, context: Context) -> Message:
     return _reply(msg, plant, RecordDict({CONFIG: ConfigRecord({PROFILE: profile.model_dump_json(by_alias=True)})}))
 
 
-@app.train(mods=[fault_drill_mod, central_clipping_mod])  # the drill corrupts what leaves, after clipping
+# The drill corrupts what leaves, after clipping; the encoding is the last thing done to it.
+@app.train(mods=[update_encoding_mod, fault_drill_mod, central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train one round under the plant's privacy ceiling: the ledger records the round before training starts."""
     plant, instructions, task, spec, data = _prepare(msg, context)

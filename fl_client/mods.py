@@ -13,7 +13,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fl_client.config import PlantConfig
 from maxfl.errors import UserError
-from maxfl.messages import CONFIG
+from maxfl.encoding import encode_reply
+from maxfl.messages import ARRAYS, CONFIG
 
 log = logging.getLogger("maxfl")
 
@@ -32,6 +33,14 @@ def plant_declines_mod(msg: Message, context: Context, call_next: ClientAppCalla
             who = f"node-{context.node_id}"
         log.error("%s declines the %s message: %s", who, msg.metadata.message_type, exc)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{who} declined: {exc}"), reply_to=msg)
+
+
+def update_encoding_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The train reply's update in the run's encoding (maxfl.encoding), outermost: after clipping and fault drills,
+    so what leaves is exactly what the anchor decodes."""
+    reply = call_next(msg, context)
+    encoding = msg.content[CONFIG].get("update-encoding", "fp32")
+    return encode_reply(reply, msg.content[ARRAYS], "fp16" if encoding == "fp16" else "fp32")
 
 
 def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -7,6 +7,13 @@ then forks a child per task that runs Flower's own `run_clientapp`. The child st
 ClientApp from the submitted FAB (our modules are dropped from the fork), so the code that runs is
 the code the anchor submitted, not whatever the plant has installed.
 
+The first task of a run forks a *resident* process for that run (its run id and FAB hash): every later
+task of the run that finds it idle runs there too, so the app's imports, the plant's loaded data
+(fl_client.resident) and torch's warmed-up state stay between the messages of a round and across rounds
+(Flower issue #3670's non-ephemeral ClientApp, built from Flower's own `run_clientapp`). A task that finds
+its run's resident busy gets a one-shot fork as before; a resident idle longer than `--resident-idle-s`,
+or displaced by newer runs, is told to exit.
+
 Before Flower installs or imports that FAB, the plant's own policy decides whether it runs at all
 (fl_client.app_policy: the node config's `allowed-apps`); a refused app is never installed, the plant's
 audit log records it and the anchor gets an error reply with the reason. The check is the plant's
@@ -19,8 +26,11 @@ import argparse
 import importlib
 import logging
 import os
+import select
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 log = logging.getLogger("maxfl.warm_exec")
 
@@ -61,13 +71,19 @@ def _guard_apps() -> None:
     install_gate(runtime)
 
 
-def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None, torch_threads: int) -> int:
+def _enter_task_process(torch_threads: int) -> None:
+    """Once per forked process, before its first task."""
     import torch
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     torch.set_num_threads(torch_threads)
     _guard_apps()  # before the app packages go: the FAB must not be able to replace the check
     _forget_app_modules()
+
+
+def _run_one(address: str, token: str, insecure: bool, certificates: bytes | None) -> int:
+    """One task through Flower's own `run_clientapp`; its exit code."""
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
     try:
         run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
                       parent_pid=None, runtime_dependency_install=False)
@@ -76,7 +92,139 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
     return 0
 
 
+def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None, torch_threads: int) -> int:
+    """A one-shot task process."""
+    _enter_task_process(torch_threads)
+    return _run_one(address, token, insecure, certificates)
+
+
+def _serve_run(tokens: int, done: int, token: str, address: str, insecure: bool, certificates: bytes | None, torch_threads: int) -> int:
+    """A resident task process: run `token`, report its exit code on `done`, wait on `tokens` for the next one of the run."""
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    from maxfl.flower_tuning import exit_without_force_timer
+
+    _enter_task_process(torch_threads)
+    if not exit_without_force_timer(runtime):  # Flower's exit would kill this process 5 s after its first task
+        return _run_one(address, token, insecure, certificates)
+    with os.fdopen(tokens, "r") as incoming:
+        while token:
+            os.write(done, bytes([_run_one(address, token, insecure, certificates) & 0xFF]))
+            token = incoming.readline().strip()
+    return 0
+
+
+@dataclass
+class Resident:
+    """The parent's handle on one resident task process."""
+
+    pid: int
+    run: tuple[int, str]  # (Flower run id, FAB hash): the only tasks it takes
+    tokens: int  # write end: the next task's token
+    done: int  # read end: one byte per finished task, its exit code
+    busy: bool = True
+    idle_since: float = 0.0
+    tasks: int = 1
+
+
+class Residents:
+    """The executor's resident task processes, at most `max_runs`, each retired after `idle_s` without a task."""
+
+    def __init__(self, max_runs: int, idle_s: float) -> None:
+        self.max_runs, self.idle_s = max_runs, idle_s
+        self.procs: list[Resident] = []
+
+    def idle_for(self, run: tuple[int, str]) -> Resident | None:
+        return next((r for r in self.procs if r.run == run and not r.busy), None)
+
+    def give(self, resident: Resident, token: str) -> None:
+        try:
+            os.write(resident.tokens, f"{token}\n".encode())
+        except BrokenPipeError:  # it ended since the last poll: the caller falls back to a one-shot fork
+            self._retire(resident)
+            raise
+        resident.busy, resident.tasks = True, resident.tasks + 1
+
+    def has_room(self, run: tuple[int, str]) -> bool:
+        """Room for a resident of `run`: one per run, and the oldest idle one of another run makes way."""
+        if any(r.run == run for r in self.procs):
+            return False  # its resident is busy: this task runs one-shot
+        while len(self.procs) >= self.max_runs:
+            idle = [r for r in self.procs if not r.busy]
+            if not idle:
+                return False
+            self._retire(min(idle, key=lambda r: r.idle_since))
+        return True
+
+    def start(self, run: tuple[int, str], token: str, task: Callable[[int, int], int]) -> Resident:
+        to_child, tokens = os.pipe()
+        done, from_child = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self.close_inherited()  # else an older resident never sees its pipe close
+                os.close(tokens)
+                os.close(done)
+                code = task(to_child, from_child)
+            finally:
+                os._exit(code)
+        os.close(to_child)
+        os.close(from_child)
+        resident = Resident(pid, run, tokens, done)
+        self.procs.append(resident)
+        return resident
+
+    def poll(self) -> None:
+        """Note finished tasks, retire residents idle too long, reap those that ended."""
+        readable = set(select.select([r.done for r in self.procs], [], [], 0)[0]) if self.procs else set()
+        now = time.monotonic()
+        for r in list(self.procs):
+            if r.done in readable:
+                codes = os.read(r.done, 64)
+                if not codes:  # it exited (or died): nothing more to give it
+                    self._retire(r)
+                    continue
+                r.busy, r.idle_since = False, now
+                log.info("resident task process %d (run %d) finished task %d with code %d", r.pid, r.run[0], r.tasks, codes[-1])
+            if not r.busy and now - r.idle_since > self.idle_s:
+                self._retire(r)
+
+    def close_inherited(self) -> None:
+        for r in self.procs:
+            for fd in (r.tokens, r.done):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        for r in list(self.procs):
+            self._retire(r)
+
+    def _retire(self, r: Resident) -> None:
+        """Close its pipes (it exits on the closed token pipe, or already has) and reap it."""
+        if r in self.procs:
+            self.procs.remove(r)
+        for fd in (r.tokens, r.done):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if not r.busy:
+            os.waitpid(r.pid, 0)
+            log.info("resident task process %d (run %d) ended after %d task(s)", r.pid, r.run[0], r.tasks)
+        else:  # died mid-task or still busy at shutdown: reap without waiting; the SuperNode times its task out
+            _reap_later.append(r.pid)
+
+
+_reap_later: list[int] = []
+
+
 def _reap(children: dict[int, float]) -> None:
+    for pid in list(_reap_later):
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            _reap_later.remove(pid)
     for pid, started in list(children.items()):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -84,7 +232,8 @@ def _reap(children: dict[int, float]) -> None:
             log.info("task process %d ended with code %d after %.2fs", pid, os.waitstatus_to_exitcode(status), time.monotonic() - started)
 
 
-def serve(address: str, insecure: bool, root_certificates: str | None, parent_pid: int | None, poll_s: float) -> None:
+def serve(address: str, insecure: bool, root_certificates: str | None, parent_pid: int | None, poll_s: float,
+          resident_idle_s: float = 300.0, resident_runs: int = 2) -> None:
     for module in PRELOAD:
         importlib.import_module(module)
     torch_threads = _warm_torch()
@@ -111,22 +260,36 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
     )
     log.info("warm executor ready for %s", address)
     children: dict[int, float] = {}
+    residents = Residents(resident_runs, resident_idle_s)
     try:
         while True:
             _reap(children)
+            residents.poll()
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if res.HasField("task") and res.token:
+                run, token = (res.task.run_id, res.task.fab_hash), res.token
+                if (resident := residents.idle_for(run)) is not None:
+                    try:
+                        residents.give(resident, token)
+                        continue
+                    except BrokenPipeError:
+                        pass
+                if resident_runs > 0 and residents.has_room(run):
+                    residents.start(run, token, lambda tokens, done: _serve_run(tokens, done, token, address, insecure, certificates, torch_threads))
+                    continue
                 pid = os.fork()
                 if pid == 0:
                     code = 1
                     try:
-                        code = _run_task(address, res.token, insecure, certificates, torch_threads)
+                        residents.close_inherited()
+                        code = _run_task(address, token, insecure, certificates, torch_threads)
                     finally:
                         os._exit(code)
                 children[pid] = time.monotonic()
                 continue
             time.sleep(poll_s)
     finally:
+        residents.stop()
         client.close()
 
 
@@ -137,11 +300,15 @@ def main() -> None:
     parser.add_argument("--root-certificates", default=None, help="CA bundle for the SuperNode's Runtime API")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
     parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds between task polls")
+    parser.add_argument("--resident-idle-s", type=float, default=300.0,
+                        help="a run's resident task process exits after this many seconds without a task")
+    parser.add_argument("--resident-runs", type=int, default=2, help="resident task processes at most (0: a fork per task)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        serve(args.runtime_api_address, args.insecure, args.root_certificates, args.parent_pid, args.poll_interval)
+        serve(args.runtime_api_address, args.insecure, args.root_certificates, args.parent_pid, args.poll_interval,
+              args.resident_idle_s, args.resident_runs)
     except KeyboardInterrupt:
         pass
 

@@ -54,6 +54,10 @@ def federate(
     set_: Annotated[list[str], typer.Option("--set", help="Run config override key=value (repeatable).")] = [],  # noqa: B006
     examples_per_plant: Annotated[int | None, typer.Option(help="Cap each plant's demo data (quick demos, tests).")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="Use this running MLflow server instead of starting one.")] = None,
+    mlflow_backend: Annotated[str, typer.Option(help="Store of the MLflow server started here: sqlite (under --workdir) or "
+                                                "postgresql (a local server under --workdir, or --backend-store-uri).")] = "sqlite",
+    backend_store_uri: Annotated[str | None, typer.Option(help="Your PostgreSQL for that store: postgresql://USER[:PASSWORD]@HOST:PORT/DB "
+                                                          "(with --mlflow-backend postgresql).")] = None,
     mlflow_port: Annotated[int | None, typer.Option(help="MLflow port (default: a free one).")] = None,
     superlink_port: Annotated[int | None, typer.Option(help="SuperLink port (default: a free one).")] = None,
     keep_mlflow: Annotated[bool, typer.Option(help="Keep MLflow running for browsing until Ctrl-C.")] = False,
@@ -64,6 +68,8 @@ def federate(
     resume: Annotated[str | None, typer.Option(help="Resume this MLflow run after its last completed round (run config resume).")] = None,
     data: Annotated[list[str], typer.Option("--data", help="A plant's own data: PLANT_ID=DIR (repeatable; --plants then "
                                             "follows). Read, never written. Without it: demo data.")] = [],  # noqa: B006
+    ray_address: Annotated[str | None, typer.Option(help="Simulation on this running Ray cluster (HOST:PORT of its GCS, "
+                                                    "as `ray start --head` prints it) instead of a Ray of its own.")] = None,
 ) -> None:
     """Start MLflow, a SuperLink and N plant SuperNodes on 127.0.0.1, train, and stop them all."""
     from launcher.federation import FederationSettings, LocalFederation, find_app_dir
@@ -80,7 +86,8 @@ def federate(
             app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=len(data) if data else plants, run_overrides=overrides,  # type: ignore[arg-type]
             examples_per_plant=examples_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
             keep_mlflow=keep_mlflow, warm=warm, tracking_uri=tracking_uri, max_epsilon=max_epsilon, insecure=insecure,
-            data=_parse_data(data),
+            mlflow_backend=mlflow_backend, backend_store_uri=backend_store_uri,  # type: ignore[arg-type]
+            data=_parse_data(data), ray_address=ray_address,
         )
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, "options")) from None

@@ -14,7 +14,6 @@ connected to the SuperLink directly (no proxy: nothing to protect without TLS an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -49,9 +48,12 @@ from fl_server.federation.proxy import caddy_argv, caddy_binary, caddy_env, heal
 from fl_server.federation.serverapp_policy import AUDIT_ENV, allow_serverapp, superexec_argv
 from fl_server.run.config import RunConfig
 from fl_server.run.tracking import check_reachable
+from launcher.capacity import MAX_DEPLOYMENT_PLANTS, MAX_SIMULATION_PLANTS, check_memory, check_ray_address
+from launcher.postgres import LocalPostgres, check_backend_uri
 from launcher.processes import Managed, ProcessGroup, free_port, port_is_free, strip_ansi
 from maxfl.atomic import atomic_write_text
 from maxfl.audit import AuditLog
+from maxfl.cache import folder_digest
 from maxfl.errors import ConfigError, DataError, ProcessError, UserError
 from tasks import get_task
 from tasks.base import TaskOptions, resolve_model
@@ -78,7 +80,7 @@ class FederationSettings(BaseModel):
     app_dir: Path
     workdir: Path
     mode: Literal["deployment", "simulation"] = "deployment"
-    plants: int = Field(3, ge=1, le=32)
+    plants: int = Field(3, ge=1, le=MAX_SIMULATION_PLANTS)  # deployment: at most MAX_DEPLOYMENT_PLANTS
     run_overrides: dict[str, Any] = Field(default_factory=dict)
     examples_per_plant: int | None = Field(None, ge=20)
     mlflow_port: int | None = Field(None, ge=1, le=65535)
@@ -87,6 +89,10 @@ class FederationSettings(BaseModel):
     keep_mlflow: bool = False
     # An MLflow server that is already running (the anchor's own); none: start one under workdir.
     tracking_uri: str | None = None
+    # The store of the MLflow server started here: SQLite under workdir, or PostgreSQL (launcher.postgres) - a server
+    # started under workdir/mlflow/postgres, or the anchor's own (`backend_store_uri`, postgresql://...).
+    mlflow_backend: Literal["sqlite", "postgresql"] = "sqlite"
+    backend_store_uri: str | None = None
     warm: bool = True
     # The demo plants' own privacy settings (their node configs); ledgers live under workdir and persist.
     max_epsilon: float = Field(10.0, gt=0.0)
@@ -99,6 +105,8 @@ class FederationSettings(BaseModel):
     insecure: bool = False
     # The plants' own data (`--data PLANT=DIR`): plant id -> its folder, read and never written. Empty: demo data.
     data: dict[str, Path] = Field(default_factory=dict)
+    # Simulation on a Ray cluster that is already running (its GCS, HOST:PORT); none: Flower starts its own.
+    ray_address: str | None = None
 
     @model_validator(mode="after")
     def _ceilings_need_real_plants(self) -> FederationSettings:
@@ -109,18 +117,27 @@ class FederationSettings(BaseModel):
             raise ValueError(f"--data plant id {bad[0]!r}: lower-case letters, digits, '-' and '_' (e.g. plant-a=/data/plant-a)")
         return self
 
+    @model_validator(mode="after")
+    def _scale(self) -> FederationSettings:
+        if self.mode == "deployment" and self.plants > MAX_DEPLOYMENT_PLANTS:
+            raise ValueError(f"deployment runs a SuperNode per plant on this machine: at most {MAX_DEPLOYMENT_PLANTS} plants "
+                             f"(--mode simulation takes up to {MAX_SIMULATION_PLANTS})")
+        if self.ray_address is not None and self.mode != "simulation":
+            raise ValueError("--ray-address runs Flower's simulation engine on that Ray cluster: add --mode simulation")
+        return self
+
+    @model_validator(mode="after")
+    def _backend_store(self) -> FederationSettings:
+        if self.backend_store_uri and self.mlflow_backend != "postgresql":
+            raise ValueError("--backend-store-uri names a PostgreSQL server: add --mlflow-backend postgresql")
+        if self.tracking_uri and (self.mlflow_backend != "sqlite" or self.backend_store_uri):
+            raise ValueError("--mlflow-backend and --backend-store-uri choose the store of the MLflow server this command starts; "
+                             "with --tracking-uri your server has its own store")
+        return self
+
     @property
     def plant_ids(self) -> list[str]:
         return sorted(self.data) if self.data else [f"plant-{k}" for k in range(1, self.plants + 1)]
-
-
-def folder_digest(folder: Path) -> str:
-    """Every file's path, size and modification time below `folder`: it changes when anyone edits, adds or removes one."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        st = path.stat()
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,8 @@ class LocalFederation:
         self.bin = Path(bin_dir)
         self._ports: set[int] = set()
         self._mlflow: Managed | None = None
+        self._postgres: Managed | None = None  # the MLflow store's own PostgreSQL, when this launch started one
+        self.backend_store_uri = ""  # the MLflow server's backend store, once it started
         self.last_server_error = ""
         self.plants: list[PlantConfig] = []
         self.edge_urls: dict[str, str] = {}
@@ -288,15 +307,39 @@ class LocalFederation:
         self.await_mlflow(uri)
         return uri
 
+    def local_postgres(self) -> LocalPostgres:
+        """The PostgreSQL this launch runs for MLflow's store (`mlflow_backend` postgresql without a URI of the anchor's)."""
+        return LocalPostgres(self.work / "mlflow" / "postgres", port=0)
+
+    def check_backend_store(self) -> None:
+        """Before any process starts: the anchor's PostgreSQL answers, or ours can run here; one line if not."""
+        if self.s.tracking_uri or self.s.mlflow_backend == "sqlite":
+            return
+        if self.s.backend_store_uri:
+            check_backend_uri(self.s.backend_store_uri)
+        else:
+            self.local_postgres().check()
+
     def launch_mlflow(self, port: int) -> str:
         """Start MLflow without waiting for it (its start-up overlaps the SuperLink's and the plants')."""
         store = self.work / "mlflow"
         (store / "artifacts").mkdir(parents=True, exist_ok=True)
+        env, backend = self.env, ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
+        self.backend_store_uri = backend[-1]
+        if self.s.mlflow_backend == "postgresql":
+            if self.s.backend_store_uri:  # the anchor's own server (checked again: it names the driver MLflow needs)
+                uri = check_backend_uri(self.s.backend_store_uri)
+            else:  # ours: started (and stopped) with the other processes, before MLflow, which needs it
+                pg = dataclasses.replace(self.local_postgres(), port=self.reserve_port(None, "PostgreSQL", ""))
+                self._postgres = pg.start(self.procs)
+                uri = pg.create_database("mlflow")
+            env, backend = {**self.env, "MLFLOW_BACKEND_STORE_URI": uri}, []  # a password stays out of `ps`
+            self.backend_store_uri = uri
         self._mlflow = self.procs.start(
             "mlflow",
             [str(self.bin / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
-            self.env,
+             *backend, "--artifacts-destination", str(store / "artifacts")],
+            env,
         )
         return f"http://127.0.0.1:{port}"
 
@@ -331,7 +374,10 @@ class LocalFederation:
         secret = fed.superexec_secret if fed is not None else None  # secure: ServerApps only via maxfl-superexec
         argv = superlink_argv(fed, self.bin, "127.0.0.1", port, home / "state.db", simulation=self.s.mode == "simulation",
                               superexec_secret=secret)
-        proc = self.procs.start("superlink", argv, {**self.env, "FLWR_HOME": str(home / "flwr-home")})
+        env = {**self.env, "FLWR_HOME": str(home / "flwr-home")}
+        if self.s.ray_address:  # Flower's Ray backend calls ray.init() without an address: Ray then takes RAY_ADDRESS
+            env["RAY_ADDRESS"] = self.s.ray_address  # (the SuperLink's flwr-simulation inherits it)
+        proc = self.procs.start("superlink", argv, env)
         address = f"127.0.0.1:{port}"
         if fed is None:
             ready = lambda: _http_ok(f"http://{address}/health")  # noqa: E731
@@ -579,6 +625,9 @@ class LocalFederation:
     # ---------------------------------------------------------------- all together
     def __enter__(self) -> LocalFederation:
         """Start MLflow, the SuperLink, the plants (SuperNodes and edge servers); `submit_run` runs on them."""
+        if self.s.ray_address:  # an attached cluster that does not answer: one line, before anything starts
+            check_ray_address(self.s.ray_address)
+        check_memory(self.s.mode, self.s.plants, ray_attached=self.s.ray_address is not None)
         cfg = app_run_config(self.s.app_dir, self.s.run_overrides)
         model = resolve_model(get_task(cfg.task), TaskOptions(model=cfg.model, image_size=cfg.image_size))  # fail before any process starts
         if cfg.release and (backbone := get_backbone(model)) is not None and not backbone.exportable:
@@ -591,6 +640,7 @@ class LocalFederation:
         proxy_port = self.reserve_port(self.s.proxy_port, "the proxy", "proxy_port") if self.secure else None
         if self.secure:
             caddy_binary()  # missing: one line naming the package, before any process starts
+        self.check_backend_store()
         if cfg.privacy == "none" and self.s.mode == "deployment" and (finite := sorted(
                 {self.s.ceilings.get(p, self.s.max_epsilon) for p in self.s.plant_ids} - {math.inf})):
             raise ConfigError(f"run config privacy=none trains without differential privacy, and a plant with a finite ceiling "
@@ -609,6 +659,8 @@ class LocalFederation:
             superlink = self.superlink = self.start_superlink(superlink_port, proxy_port)
             security = "TLS + SuperNode authentication" if self.secure else "INSECURE: no TLS, no node authentication"
             self.echo(f"SuperLink ({self.s.mode}, {security}): {superlink}")
+            if self.s.ray_address:
+                self.echo(f"simulation engine: the Ray cluster at {self.s.ray_address}")
             if self.plants_address != superlink:
                 self.echo(f"proxy for plants (Fleet API only): {self.plants_address}")
             # The anchor's audit log persists across launches, like its MLflow store (the demo CA does not).
@@ -758,7 +810,7 @@ class LocalFederation:
         self.echo(f"MLflow stays up for browsing at {result.mlflow_url} — press Ctrl-C to stop it")
         assert self._mlflow is not None
         for managed in self.procs.procs:
-            if managed is not self._mlflow:
+            if managed not in (self._mlflow, self._postgres):  # MLflow's PostgreSQL stays with it
                 managed.popen.terminate()
         try:
             while self._mlflow.popen.poll() is None:

@@ -49,16 +49,22 @@ def cap_module_sleeps(module: ModuleType, cap_s: float) -> bool:
 
 
 def tune_object_pulls(initial_backoff_s: float, backoff_cap_s: float) -> bool:
-    """Retry a not-yet-available message object after `initial_backoff_s` instead of 1 s (doubling, capped)."""
+    """Retry a not-yet-available message object after `initial_backoff_s` instead of 1 s (doubling, capped).
+
+    Flower gives up on an object after 500 tries (at its 10 s cap: over an hour) or its `max_time`; at a cap of
+    0.1 s, 500 tries are 50 s, which a loaded SuperNode storing twenty plants' messages can exceed. The tries are
+    raised so that Flower's own `max_time`, not the shorter steps, bounds the wait.
+    """
     if not _checked_version():
         return False
     from flwr.supercore.inflatable import inflatable_utils
 
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         defaults = dict(fn.__kwdefaults__ or {})
-        if "initial_backoff" not in defaults or "backoff_cap" not in defaults:
+        if not {"initial_backoff", "backoff_cap", "max_time", "max_tries_per_object"} <= set(defaults):
             return False
-        defaults.update(initial_backoff=initial_backoff_s, backoff_cap=backoff_cap_s)
+        tries = max(int(defaults["max_tries_per_object"] or 0), int((defaults["max_time"] or 0) / backoff_cap_s) + 1)
+        defaults.update(initial_backoff=initial_backoff_s, backoff_cap=backoff_cap_s, max_tries_per_object=tries)
         fn.__kwdefaults__ = defaults
     return True
 
@@ -81,4 +87,23 @@ def tune_node_heartbeat(interval_s: float) -> bool:
     interval_s = max(float(HEARTBEAT_MIN_INTERVAL), interval_s)
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval_s  # how often the sender beats
     fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = interval_s  # what the SuperNode tells the SuperLink
+    return True
+
+
+def exit_without_force_timer(module: ModuleType) -> bool:
+    """`module`'s `flwr_exit` runs Flower's exit handlers and raises SystemExit, without arming the timer that
+    `os._exit`s the process 5 s later: a resident ClientApp process (fl_client.warm_exec) runs another task after it."""
+    if not _checked_version() or not callable(getattr(module, "flwr_exit", None)):
+        return False
+    from flwr.supercore.exit.exit_code import EXIT_CODE_HELP
+    from flwr.supercore.exit.exit_handler import trigger_exit_handlers
+
+    def flwr_exit(code: int, message: str | None = None, *args: object, **kwargs: object) -> None:
+        if not 0 <= code < 100:
+            log.error("ClientApp task: exit code %d %s %s", code, message or "", EXIT_CODE_HELP.get(code, ""))
+        trigger_exit_handlers(run_before_force_exit=True)
+        trigger_exit_handlers(run_before_force_exit=False)
+        raise SystemExit(0 if 0 <= code < 100 else 1)
+
+    module.flwr_exit = flwr_exit  # type: ignore[attr-defined]
     return True

@@ -42,6 +42,7 @@ class TrainingPlan(DataQuery, PrivacyPlan):
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.05, gt=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    update_encoding: Literal["fp32", "fp16"] = "fp32"  # how the plant sends its update back (maxfl.encoding)
     num_server_rounds: int = Field(1, ge=1)
     # The first Flower run of a training run resumed after a crash (0: this one): a plant's ledger counts the
     # resumed run as one run, so its per-run spend and noise plan carry over.

@@ -58,6 +58,8 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     learning_rate: float = Field(0.0, ge=0.0, le=10.0)
     # cosine: decays the plants' learning rate over the rounds (see tasks.base.scheduled_learning_rate)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
+    # How plants send their round's update (maxfl.encoding): fp32 weights, or fp16 deltas in half the bytes.
+    update_encoding: Literal["fp32", "fp16"] = "fp32"
     seed: int = 42
     round_timeout_s: float = Field(900.0, gt=0.0)
     # How often the ServerApp asks the SuperLink for replies (Flower's own grid waits 3 s).

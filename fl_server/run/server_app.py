@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_server.run.central_dp import with_central_dp
 from fl_server.run.config import RunConfig
 from fl_server.run.data_agreement import agree_on_data, agreed_examples
+from fl_server.run.encoding import DecodedUpdates
 from fl_server.run.checkpoint import CheckpointStore
 from fl_server.run.grid import PollingGrid
 from fl_server.run.identity import PlantIdentities, use_identities
@@ -146,15 +146,16 @@ def train(grid: Grid, cfg: RunConfig, tracker: RunTracker) -> None:
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate or defaults.learning_rate,
         lr_schedule=cfg.lr_schedule,
+        update_encoding=cfg.update_encoding,
         num_server_rounds=cfg.num_server_rounds,
         run_series=tracker.run_series,
         **cfg.privacy_fields(),
     ).to_flower()
     strategy = TrackedStrategy(
-        ValidatedStrategy(with_central_dp(build_strategy(cfg), cfg, len(profiles)), UpdateRules.from_config(cfg), cfg.min_plants,
-                          on_reject=lambda r, plant, why: reject(strategy, r, plant, why), agreed_examples=agreed_examples(profiles),
-                          on_cap=lambda r, plant, claimed, agreed: cap(strategy, r, plant, claimed, agreed),
-                          check_spend=spend_check(cfg, tracker)),
+        DecodedUpdates(ValidatedStrategy(
+            with_central_dp(build_strategy(cfg), cfg, len(profiles)), UpdateRules.from_config(cfg), cfg.min_plants,
+            on_reject=lambda r, plant, why: reject(strategy, r, plant, why), agreed_examples=agreed_examples(profiles),
+            on_cap=lambda r, plant, claimed, agreed: cap(strategy, r, plant, claimed, agreed), check_spend=spend_check(cfg, tracker))),
         tracker, cfg.min_plants, cfg.num_server_rounds, cfg.evaluate_every, checkpoints,
     )
     arrays = strategy.resume(checkpoint) if checkpoint else pack(model)

@@ -18,7 +18,8 @@ from fl_server.run.checkpoint import Checkpoint, CheckpointStore, restore_strate
 from fl_server.run.config import RunConfig
 from fl_server.run.identity import identify, refusal, split_declined
 from fl_server.run.tracking import RunTracker
-from maxfl.messages import METRICS, PRIVACY_PREFIX, WEIGHT_KEY
+from maxfl.encoding import update_bytes
+from maxfl.messages import ARRAYS, METRICS, PRIVACY_PREFIX, WEIGHT_KEY
 
 log = logging.getLogger("maxfl")
 
@@ -167,7 +168,7 @@ class TrackedStrategy(Strategy):
             per_round = (self._round_started - self._first_started) / (server_round - 1)
             self._eta = f"; about {per_round * (self.num_rounds - self.offset - server_round + 1):.0f} s left"
         self._arrays = arrays
-        self._pending = {}
+        self._pending = {"model_bytes": float(update_bytes(arrays))}  # what a plant's fp32 update would take
         self._rejected: set[str] = set()
         return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
@@ -246,6 +247,8 @@ class TrackedStrategy(Strategy):
             metrics = msg.content[METRICS]
             slowest = max(slowest, float(metrics.get(f"{phase}_time_s", 0.0)))
             per_plant.update({f"{plant}/{k}": float(v) for k, v in metrics.items()})
+            if ARRAYS in msg.content.array_records:  # as it came, before decoding (maxfl.encoding)
+                per_plant[f"{plant}/update_bytes"] = float(update_bytes(msg.content[ARRAYS]))
             shown = " ".join(f"{k}={float(v):.3f}" for k, v in metrics.items() if k.endswith(("loss", "accuracy", "macro_f1")) or k == f"{PRIVACY_PREFIX}epsilon")
             status.append(f"{plant} ok {shown}")
         epsilons = [v for k, v in per_plant.items() if k.endswith(f"/{PRIVACY_PREFIX}epsilon")]

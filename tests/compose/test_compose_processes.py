@@ -147,7 +147,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"root": root, "app": app, "app_hash": app_hash, "fed": fed, "sl_port": sl_port, "proxy_port": proxy_port, "edge": f"http://127.0.0.1:{edge_port}",
                "state": state, "procs": procs}
     finally:
-        killed = procs.stop_all()
+        # Every service stops on SIGTERM, as `docker compose down` asks it to; the grace is for a loaded machine,
+        # not a speed the test asks for.
+        killed = procs.stop_all(grace_s=300)
         assert not killed, f"had to kill {killed}"
         assert descendants(os.getpid()) == []
 

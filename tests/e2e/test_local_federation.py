@@ -154,7 +154,7 @@ def test_ctrl_c_stops_every_process_the_command_started(tmp_path):
             proc.kill()
     assert proc.returncode == 130
     assert "interrupted" in stderr and "Traceback" not in stderr
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 120  # orphans may take a moment to notice their parent is gone; no speed is asserted
     while _processes_using(workdir.resolve()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_using(workdir.resolve()) == []

@@ -269,6 +269,12 @@ def test_the_gate_installs_only_the_bytes_it_allowed(tmp_path):
     with pytest.raises(AppRefused, match="did not check this FAB"):
         install(b"other bytes", skip_prompt=True)
     assert install(content, skip_prompt=True) == tmp_path and installed == [content]
+    # The next task of the run (a resident task process): checked again, installed once.
+    assert pull(None) == task and install(content, skip_prompt=True) == tmp_path and installed == [content]
+    refused = _fake_task({**cfg, "allowed-apps": H1}, content, hashlib.sha256(content).hexdigest())
+    gate.wrap_pull(lambda client: refused)(None)  # the plant's policy changed: installed before, refused now
+    with pytest.raises(AppRefused):
+        install(content, skip_prompt=True)
 
 
 def _run_forked(tmp_path: Path, node_config: dict, content: bytes) -> tuple[int, list]:

@@ -64,7 +64,7 @@ def tls_server(cert_chain: Path, key: Path) -> Iterator[int]:
         yield listener.getsockname()[1]
     finally:
         stop.set()
-        thread.join(timeout=5)
+        thread.join(timeout=120)  # a hang guard: a loaded machine may take its time
         listener.close()
     assert not thread.is_alive()
 

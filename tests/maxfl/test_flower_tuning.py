@@ -25,6 +25,10 @@ def test_object_pull_backoff_defaults_are_lowered():
         assert flower_tuning.tune_object_pulls(0.05, 0.5)
         assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.05
         assert inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__["backoff_cap"] == 0.5
+        # Shorter steps, the same patience: Flower's max_time still bounds the wait, not 500 tries of 0.5 s.
+        for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+            defaults = fn.__kwdefaults__
+            assert defaults["max_tries_per_object"] * 0.5 >= defaults["max_time"] == saved[0]["max_time"]
     finally:
         inflatable_utils.pull_objects.__kwdefaults__, inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__ = saved
 

@@ -36,10 +36,11 @@ def _release(uri: str, version_hint: int, registry: Registry, passed: bool) -> i
     return version
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> Registry:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def registry(request, tmp_path_factory) -> Registry:
+    """The same registry on MLflow's SQLite store and on PostgreSQL (the production store); artifacts in a folder."""
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = f"sqlite:///{root / 'mlflow.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_database")()
     import mlflow
 
     mlflow.set_tracking_uri(uri)

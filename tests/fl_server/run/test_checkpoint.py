@@ -126,11 +126,12 @@ def test_a_checkpointed_round_is_logged_once_whether_or_not_the_crash_came_befor
     assert tracker.metrics[("round_wall_s", 3)] == 9.0
 
 
-@pytest.fixture
-def mlflow_uri(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def mlflow_uri(request, tmp_path):
+    """MLflow's SQLite store and PostgreSQL (the production store; a fresh database per test); artifacts in a folder."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_uri")
     mlflow.set_tracking_uri(uri)
     mlflow.create_experiment("resume-test", artifact_location=str(tmp_path / "artifacts"))
     return uri
@@ -164,6 +165,21 @@ def test_the_store_commits_with_the_tag_and_resume_reopens_the_same_mlflow_run(m
 
     with pytest.raises(ConfigError, match="already finished"), tracked_run(cfg.model_copy(update={"resume": run_id}), 10, "fab"):
         pass
+
+
+def test_rounds_of_more_metrics_than_one_mlflow_batch_arrive_whole_and_in_order_before_the_run_ends(mlflow_uri):
+    """RunTracker writes in the background, one round deep (100 plants' metrics: three of MLflow's batches a round)."""
+    from mlflow import MlflowClient
+
+    cfg = RunConfig(tracking_uri=mlflow_uri, experiment_name="resume-test")
+    metrics = {f"plant-{p}/m{i}": float(p * i) for p in range(1, 101) for i in range(23)} | {"round_wall_s": 1.0}
+    with tracked_run(cfg, flwr_run_id=3, fab_hash="fab") as tracker:
+        tracker.log_metrics(metrics, step=1)
+        tracker.log_metrics(metrics | {"round_wall_s": 2.0}, step=2)
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(tracker.run_id).data.metrics == metrics | {"round_wall_s": 2.0}
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "round_wall_s")] == [(1, 1.0), (2, 2.0)]
+    assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "plant-100/m22")) == [1, 2]
 
 
 def test_resume_refuses_another_run_config_and_unknown_runs(mlflow_uri):
