@@ -16,18 +16,15 @@ size. Prints a table; writes experiments/results/round_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
 from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from launcher.processes import descendants
-from maxfl.atomic import atomic_write_text
-from provenance import provenance
+from provenance import write_result
 
 RESULTS = Path(__file__).parent / "results" / "round_overhead.json"
 
@@ -167,12 +164,7 @@ def main() -> None:
     if len(rows) == 2:
         print(f"overhead ratio, {rows[0]['setup']} / {rows[1]['setup']}: "
               f"{rows[0]['overhead_per_round_s_median'] / rows[1]['overhead_per_round_s_median']:.1f}x")
-    out = {**provenance(), "command": "python experiments/round_overhead.py " + " ".join(sys.argv[1:]),
-           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count(), "rows": rows}
-    if args.commit:
-        out["commit"] = args.commit
-    atomic_write_text(args.out, json.dumps(out, indent=2))
-    print(f"results: {args.out}")
+    write_result(args.out, {"cpus": os.cpu_count(), "rows": rows}, args.commit)
 
 
 if __name__ == "__main__":

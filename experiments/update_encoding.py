@@ -12,15 +12,11 @@ Prints a table; writes experiments/results/update-encoding.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
-import time
 from pathlib import Path
 
 from launcher.federation import FederationSettings, LocalFederation, find_app_dir
-from maxfl.atomic import atomic_write_text
-from provenance import provenance
+from provenance import write_result
 
 RESULTS = Path(__file__).parent / "results" / "update-encoding.json"
 METRIC = {"defect": "eval_macro_f1", "process": "eval_detection_at_5pct_false_alarms"}
@@ -80,13 +76,8 @@ def main() -> None:
         summary.append(line)
         print(f"{task:8} {METRIC[task]:38} {line['fp32_mean']:>8.4f} {line['fp16_mean']:>8.4f} {line['paired_diff_mean']:>+12.4f}"
               f" {line['fp16_update_over_fp32']:>10.3f}x")
-    out = {**provenance(), "command": "python experiments/update_encoding.py " + " ".join(sys.argv[1:]),
-           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "plants": args.plants, "rounds": args.rounds, "seeds": seeds,
-           "privacy": "none (the arms differ in the encoding only)", "summary": summary, "runs": rows}
-    if args.commit:
-        out["commit"] = args.commit
-    atomic_write_text(args.out, json.dumps(out, indent=2))
-    print(f"results: {args.out}")
+    write_result(args.out, {"plants": args.plants, "rounds": args.rounds, "seeds": seeds,
+                            "privacy": "none (the arms differ in the encoding only)", "summary": summary, "runs": rows}, args.commit)
 
 
 if __name__ == "__main__":
