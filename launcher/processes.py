@@ -41,21 +41,22 @@ def port_is_free(port: int) -> bool:
 
 
 def _children() -> dict[int, list[int]]:
+    """Parent PID -> its running children. A zombie runs nothing and has no children left: it is not counted."""
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
+        if state != "Z":
+            tree.setdefault(int(ppid), []).append(int(entry.name))
     return tree
 
 
 def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid`; Flower detaches some children into their own sessions."""
+    """All running descendants of `pid`; Flower detaches some children into their own sessions."""
     tree, found, todo = _children(), [], [pid]
     while todo:
         for child in tree.get(todo.pop(), []):

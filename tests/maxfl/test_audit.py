@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -57,21 +56,15 @@ def test_a_truncated_line_is_named_and_new_events_are_refused_after_it(tmp_path)
         AuditLog(path).record("run.started", "anchor")
 
 
-def _append_many(path: str, who: str) -> None:
-    log = AuditLog(Path(path))
-    for i in range(25):
-        log.record("update.rejected", who, round=i)
+_APPEND_MANY = "import sys; from pathlib import Path; from maxfl.audit import AuditLog; log = AuditLog(Path(sys.argv[1]))\n" \
+               "for i in range(25): log.record('update.rejected', sys.argv[2], round=i)"
 
 
 def test_concurrent_writers_interleave_whole_lines_and_keep_the_chain(tmp_path):
     path = tmp_path / "audit.jsonl"
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_append_many, args=(str(path), f"writer-{i}")) for i in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    # Plain processes, not multiprocessing's: its spawn context leaves a resource tracker running for the rest of the worker.
+    procs = [subprocess.Popen([sys.executable, "-c", _APPEND_MANY, str(path), f"writer-{i}"]) for i in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
     assert AuditLog(path).verify() == 100
     assert {json.loads(line)["actor"] for line in path.read_text().splitlines()} == {f"writer-{i}" for i in range(4)}
 
