@@ -43,7 +43,7 @@ def _app_snapshot(dest: Path) -> Path:
     import io
     import zipfile
 
-    from fl_client.app_policy import build_fab
+    from maxfl.fab import build_fab
 
     fab, _, _ = build_fab(find_app_dir())
     with zipfile.ZipFile(io.BytesIO(fab)) as archive:

@@ -27,7 +27,7 @@ def hash_(
     The FAB holds the folder's files as they are now (Flower's include rules, minus .gitignore'd ones), so
     any edit changes the hash: hash the exact version you reviewed, e.g. a clean checkout of a release tag.
     """
-    from fl_client.app_policy import build_fab
+    from maxfl.fab import build_fab
 
     path = app_dir.expanduser()
     if path.is_file() and path.suffix == ".fab":

@@ -189,33 +189,3 @@ def install_gate(runtime: Any) -> AppGate:
     runtime.pull_task_input = gate.wrap_pull(runtime.pull_task_input)
     runtime.install_from_fab = gate.wrap_install(runtime.install_from_fab)
     return gate
-
-
-# ------------------------------------------------------------------------------------------- FAB hashes
-def build_fab(app_dir: Path) -> tuple[bytes, str, str]:
-    """The FAB `flwr run APP_DIR` submits, with its fab id and version: built by Flower's own builder."""
-    from flwr.cli.build import build_fab_from_disk
-    from flwr.cli.config_utils import load_and_validate
-    from flwr.cli.utils import AppPathDepthError
-    from flwr.common.config import get_metadata_from_config
-
-    app = app_dir.expanduser().resolve()  # as `flwr run` does
-    if not (app / "pyproject.toml").is_file():
-        raise ConfigError(f"{app} is not a Flower app folder (no pyproject.toml); give the folder you pass to `flwr run`")
-    try:
-        config, _ = load_and_validate(app / "pyproject.toml", check_module=False)
-        fab = build_fab_from_disk(app)
-    except AppPathDepthError as exc:
-        raise ConfigError(f"cannot build {app} into a FAB: {exc}") from None
-    except ValueError as exc:
-        raise ConfigError(f"cannot build {app} into a FAB: {' '.join(str(exc).split())}") from None
-    fab_id, fab_version = get_metadata_from_config(config)
-    return fab, fab_id, fab_version
-
-
-def fab_hash(app_dir: Path) -> str:
-    """SHA-256 of the FAB that `flwr run APP_DIR` builds (Flower's `fab.hash_str`); of a `.fab` file, its bytes."""
-    path = app_dir.expanduser()
-    if path.is_file() and path.suffix == ".fab":
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    return hashlib.sha256(build_fab(path)[0]).hexdigest()

@@ -37,7 +37,6 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge.store import EdgeStore, EdgeStoreError, InstalledModel
-from fl_client.app_policy import fab_hash
 from fl_client.config import PLANT_ID_PATTERN, PlantConfig
 from fl_client.join import (
     PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, NotRegisteredError, keygen, node_id_from_log, not_registered_message, prepare_join,
@@ -55,6 +54,7 @@ from maxfl.atomic import atomic_write_text
 from maxfl.audit import AuditLog
 from maxfl.cache import folder_digest
 from maxfl.errors import ConfigError, DataError, ProcessError, UserError
+from maxfl.fab import fab_hash, stage_app
 from tasks import get_task
 from tasks.base import TaskOptions, resolve_model
 from tasks.features import get_backbone
@@ -561,14 +561,15 @@ class LocalFederation:
 
     def submit(self, cli_home: Path, overrides: dict[str, Any]) -> int:
         """`flwr run --stream`, echoing the ServerApp's progress; returns Flower's run id."""
+        app = stage_app(self.s.app_dir, self.work / "app")  # the FAB's files only: Flower's build walks all it is given
         if self.app_hash is not None:
-            if (now := fab_hash(self.s.app_dir)) != self.app_hash:  # the anchor and the plants allowed the app as it was
+            if (now := fab_hash(app)) != self.app_hash:  # the anchor and the plants allowed the app as it was
                 raise ConfigError(f"the app in {self.s.app_dir} changed after this federation started (FAB {now[:12]}, allowed "
                                   f"{self.app_hash[:12]}), so the anchor and the plants would refuse it; start the federation again")
         cfg_file = self.work / "run-overrides.toml"
         atomic_write_text(cfg_file, "".join(f"{k} = {json.dumps(v)}\n" for k, v in overrides.items()))
         env = {**self.env, "FLWR_HOME": str(cli_home)}
-        argv = [str(self.bin / "flwr"), "run", str(self.s.app_dir), "local", "--stream", "--run-config", str(cfg_file)]
+        argv = [str(self.bin / "flwr"), "run", str(app), "local", "--stream", "--run-config", str(cfg_file)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True)
         watchdog = _Watchdog(self.procs, proc, self.echo)
         watchdog.start()

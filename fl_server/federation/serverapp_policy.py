@@ -72,7 +72,7 @@ def _hash_of(app: str) -> tuple[str, str]:
     """A ServerApp given as its SHA-256, a `.fab` file or the app folder `flwr run` takes: (hash, label)."""
     if _SHA256.match(app.strip().lower()):
         return app.strip().lower(), ""
-    from fl_client.app_policy import build_fab
+    from maxfl.fab import build_fab
 
     path = Path(app).expanduser()
     if path.is_file() and path.suffix == ".fab":

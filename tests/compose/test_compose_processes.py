@@ -61,7 +61,7 @@ def _app_snapshot(dest: Path) -> tuple[Path, str]:
     tree by other people cannot change what this test submits."""
     import hashlib
 
-    from fl_client.app_policy import build_fab
+    from maxfl.fab import build_fab
     from launcher.federation import find_app_dir
 
     fab, _, _ = build_fab(find_app_dir())

@@ -126,7 +126,7 @@ def test_running_a_serverapp_through_the_plants_port_is_refused(fed, attacker):
 
 def test_a_serverapp_the_anchor_did_not_allow_is_refused_even_on_its_own_port(fed, tmp_path):
     """Defence in depth: whoever reaches the SuperLink's own (loopback) port still cannot run code on the anchor."""
-    from fl_client.app_policy import fab_hash
+    from maxfl.fab import fab_hash
     from maxfl.audit import AuditLog
     from tests.fl_server.federation.test_serverapp_policy import ROGUE_APP, ROGUE_PYPROJECT
 
@@ -386,7 +386,7 @@ print(json.dumps({"superlink_port": connect(host, own_port), "superlink_loopback
 
 
 def test_a_plant_outside_loopback_joins_through_the_proxy_and_reaches_nothing_else(netns, tmp_path):
-    from fl_client.app_policy import fab_hash
+    from maxfl.fab import fab_hash
     from fl_client.config import PlantConfig
     from fl_client.join import node_id_from_log
     from fl_server.federation.provision import add_plant

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.e2e
 def _app_snapshot(dest: Path) -> Path:
     """The app exactly as `flwr run` would ship it now: the plants allow this FAB's hash, and an edit elsewhere in
     the working tree while the test runs (other people work in it) must not change what `flwr run` submits."""
-    from fl_client.app_policy import build_fab
+    from maxfl.fab import build_fab
 
     fab, _, _ = build_fab(find_app_dir())
     with zipfile.ZipFile(io.BytesIO(fab)) as archive:

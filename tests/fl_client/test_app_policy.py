@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fl_client.app_policy import AppGate, AppPolicy, AppRefused, build_fab, check_task, fab_hash
+from fl_client.app_policy import AppGate, AppPolicy, AppRefused, check_task
+from maxfl.fab import build_fab, fab_hash
 from fl_client.config import PlantConfig
 from maxfl.audit import AuditLog
 from maxfl.errors import ConfigError
@@ -195,7 +196,7 @@ def test_fab_hash_is_deterministic_and_follows_the_files_flower_packs(tmp_path):
 def test_fab_hash_in_a_fresh_process_equals_flowers_own_build(tmp_path):
     app = make_app(tmp_path)
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    code = "import sys; from pathlib import Path; from fl_client.app_policy import fab_hash; print(fab_hash(Path(sys.argv[1])))"
+    code = "import sys; from pathlib import Path; from maxfl.fab import fab_hash; print(fab_hash(Path(sys.argv[1])))"
     other = subprocess.run([sys.executable, "-c", code, str(app)], capture_output=True, text=True, env=env, check=True, timeout=120)
     out = tmp_path / "built"
     out.mkdir()

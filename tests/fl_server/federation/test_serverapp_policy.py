@@ -95,7 +95,7 @@ def test_allowing_and_disallowing_edit_the_list_atomically_and_are_audited(tmp_p
 def test_the_cli_allows_an_app_folder_by_the_hash_flwr_run_submits(tmp_path):
     from typer.testing import CliRunner
 
-    from fl_client.app_policy import fab_hash
+    from maxfl.fab import fab_hash
     from fl_server.federation.provision import init_federation
     from launcher.cli import app
 
@@ -206,7 +206,7 @@ def test_a_submitted_serverapp_with_an_unknown_hash_never_runs_on_the_anchor(tmp
     import sys
     from pathlib import Path
 
-    from fl_client.app_policy import fab_hash
+    from maxfl.fab import fab_hash
 
     bin_dir = Path(sys.executable).parent
     fed = tmp_path / "federation"
