@@ -48,7 +48,10 @@ def serve(
     keep_alive_s: Annotated[int, typer.Option(help="Seconds an idle kept-alive connection stays open.")] = 5,
     max_connections: Annotated[int, typer.Option(help="Connections open at once (more: 503).")] = 256,
 ) -> None:
-    """Serve the store's current model over HTTP; swaps to a newly installed or rolled-back version on the fly."""
+    """Serve the store's current model over HTTP; swaps to a newly installed or rolled-back version on the fly.
+
+    Besides /health and /v1/predict: the Open Inference Protocol v2 under /v2, Prometheus metrics at /metrics, and the
+    plant's page at /plant, whose URL with its token is printed at start."""
     from edge.server import MB, Limits
     from edge.server import serve as run
 
@@ -58,7 +61,8 @@ def serve(
                     max_in_model=max_in_model, max_waiting=max_waiting, request_timeout_s=request_timeout_s, head_timeout_s=head_timeout_s,
                     body_timeout_s=body_timeout_s, keep_alive_s=keep_alive_s, max_connections=max_connections)
     logging.getLogger("maxfl.edge").setLevel(logging.INFO)
-    run(PlantConfig.from_node_config(node_config), model, host, port, threads=threads, limits=limits)
+    run(PlantConfig.from_node_config(node_config), model, host, port, threads=threads, limits=limits,
+        announce=lambda line: console.print(line, markup=False))
 
 
 @app.command()

@@ -11,11 +11,14 @@ Bad input is answered with a 4xx and one line saying what is wrong; it never rea
 bounded: image sizes are read from the header before decoding, at most `Limits.max_in_model` requests are in the
 model at once with `max_waiting` more queued (503 + Retry-After beyond), each request has a time limit (its
 onnxruntime run is terminated past it), and every connection must send its request head and body in time.
+
+Beside its own `/v1/predict`, the server speaks KServe's Open Inference Protocol v2 (edge.oip) through the same
+adapter, limits and admission (edge.gate), exports Prometheus metrics (edge.metrics) and serves the plant's page
+(edge.plant_page), the only part that needs a token.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -26,22 +29,24 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from edge.admission import Admission, Busy, Ticket
-from edge.store import EdgeStore, InstalledModel
+from edge.gate import MB, Abandoned, Gate, Refused, first_line, load_json
+from edge.store import CurrentPointer, EdgeStore, InstalledModel
 from maxfl.errors import ConfigError, ProcessError, describe_validation_error
 from maxfl.release import ReleaseManifest
 from tasks.base import BadInput
-from tasks.serving import ImageLimits, ImageServing, ImageTooLarge, check_image_size
+from tasks.serving import ImageLimits, ImageServing, check_image_size
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -51,8 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("maxfl.edge")
 
-MB = 1024 * 1024
 JSON_TYPE = "application/json"
+PAGE_TOKEN_FILE = "page-token"  # in the edge store's folder: the plant page's token (maxfl.page_auth)
 RAW_TYPES = ("application/octet-stream",)  # and image/*
 
 
@@ -90,10 +95,6 @@ class Limits:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds above 0, got {value}")
 
 
-class Abandoned(Exception):
-    """The request's time ran out: its work stops at the next step (onnxruntime's run is terminated)."""
-
-
 @dataclass(frozen=True, eq=False)
 class Runtime:
     """One loaded, warmed-up model version; never changed after it is built, so requests can share it."""
@@ -103,6 +104,7 @@ class Runtime:
     serving: Serving
     loaded_at: float
     variant: str = "global"  # or the plant's own: "personalised" (the global model fine-tuned here), "local" (trained here alone)
+    width: int = 0  # the model's outputs per instance (classes, or 1 for a value), from the warm-up run
 
     @property
     def kind(self) -> str:
@@ -122,7 +124,7 @@ class Runtime:
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             # The adapter should have said BadInput; it is still the request's content that it could not read.
             log.warning("%s adapter raised %s instead of BadInput", self.manifest.task, type(exc).__name__, exc_info=True)
-            raise BadInput(f"the instances cannot be read as {self.kind}s ({type(exc).__name__}: {_first_line(exc)})") from None
+            raise BadInput(f"the instances cannot be read as {self.kind}s ({type(exc).__name__}: {first_line(exc)})") from None
         if not np.isfinite(x).all():
             bad = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0]) if x.ndim else 0
             raise BadInput(f"instance {bad} holds values that are not finite as the model's float32 inputs (NaN, infinity or "
@@ -134,11 +136,6 @@ class Runtime:
             raise BadInput("the model's outputs for these instances are not finite numbers: their values lie far outside "
                            "what it was trained on")
         return self.serving.answers(outputs)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def load_runtime(store: EdgeStore, installed: InstalledModel, plant: PlantConfig, threads: int,
@@ -157,8 +154,9 @@ def load_runtime(store: EdgeStore, installed: InstalledModel, plant: PlantConfig
     # One inference before the swap: onnxruntime allocates and picks kernels on the first run, which would
     # otherwise land on the first request to the new version.
     shape = [d if isinstance(d, int) and d > 0 else 1 for d in sess.get_inputs()[0].shape]
-    sess.run([m.output_name], {m.input_name: np.zeros(shape, dtype=np.float32)})
-    return Runtime(manifest=m, session=sess, serving=serving, loaded_at=time.time(), variant=installed.variant)
+    out = sess.run([m.output_name], {m.input_name: np.zeros(shape, dtype=np.float32)})[0]
+    return Runtime(manifest=m, session=sess, serving=serving, loaded_at=time.time(), variant=installed.variant,
+                   width=int(out.shape[-1]) if out.ndim else 1)
 
 
 def _signature(path: os.PathLike[str]) -> bytes | None:
@@ -187,6 +185,31 @@ def _identity(installed: InstalledModel) -> tuple[object, ...]:
     return installed.manifest.version, installed.manifest.sha256, installed.variant, record.sha256 if record else None
 
 
+SwapKind = Literal["update", "rollback", "variant"]
+SWAPS_KEPT = 50
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One change of the served model while this server ran."""
+
+    at: float  # when the new version started serving (time.time())
+    model: str
+    kind: SwapKind  # "update": a newer install or an activation; "rollback": back down the history; "variant": same version, the plant's own
+    from_version: int
+    to_version: int
+    variant: str  # what serves now
+
+
+def _swap_kind(old: Runtime, was: CurrentPointer | None, new: Runtime, now: CurrentPointer | None) -> SwapKind:
+    """A rollback pops the store's history: the new history is a shorter start of the one the old version served under."""
+    if new.manifest.version == old.manifest.version:
+        return "variant"
+    if was is not None and now is not None and len(now.history) < len(was.history) and was.history[: len(now.history)] == now.history:
+        return "rollback"
+    return "update"
+
+
 class ModelWatcher:
     """Keeps `runtime` at the store's current version of the model; `model_name` None: the first that appears."""
 
@@ -200,6 +223,10 @@ class ModelWatcher:
         self.image_limits = image_limits
         self.runtime: Runtime | None = None
         self.problem: str | None = None  # why the version serving is not the one the pointer names (or none serves)
+        self.pointer: CurrentPointer | None = None  # the store's pointer when `runtime` was loaded from it
+        self.swaps: deque[Swap] = deque(maxlen=SWAPS_KEPT)  # newest last
+        self.swap_counts: Counter[str] = Counter()  # by kind, since start
+        self.load_failures = 0  # versions that failed to load, fallbacks included
         self._seen: bytes | None = None
         self._identity: tuple[object, ...] | None = None  # what `runtime` serves: version, release and variant hashes
         self._lock = threading.Lock()
@@ -221,7 +248,7 @@ class ModelWatcher:
                 return
             self._seen = seen
             try:
-                installed = self.store.current(self.model_name)
+                state, installed = self.store.current_state(self.model_name)
             except Exception as exc:  # noqa: BLE001 - a damaged store must not stop the version that serves
                 self._failed(_describe(exc), None)
                 return
@@ -232,18 +259,26 @@ class ModelWatcher:
             m, old = installed.manifest, self.runtime
             identity = _identity(installed)
             if old is not None and identity == self._identity:
-                self.problem = None
+                self.problem, self.pointer = None, state
                 return
             started = time.perf_counter()
             try:
                 new = load_runtime(self.store, installed, self.plant, self.threads, self.image_limits)
             except Exception as exc:  # noqa: BLE001 - whatever a broken release raises, the old version keeps serving
+                self.load_failures += 1
                 self._failed(f"{m.label} failed to load: {_describe(exc)}", m.version)
                 return
-            self.runtime, self.problem, self._identity = new, None, identity
+            if old is not None:
+                self._swapped(old, new, _swap_kind(old, self.pointer, new, state))
+            self.runtime, self.problem, self._identity, self.pointer = new, None, identity, state
             variant = "" if installed.variant == "global" else f", this plant's {installed.variant} variant"
             log.info("now serving %s%s (sha256 %s, task %s; loaded in %.2f s)%s", m.label, variant, m.sha256[:12], m.task,
                      time.perf_counter() - started, f", was v{old.manifest.version}" if old else "")
+
+    def _swapped(self, old: Runtime, new: Runtime, kind: SwapKind) -> None:
+        self.swaps.append(Swap(at=new.loaded_at, model=new.manifest.model_name, kind=kind, from_version=old.manifest.version,
+                               to_version=new.manifest.version, variant=new.variant))
+        self.swap_counts[kind] += 1
 
     def _failed(self, why: str, version: int | None) -> None:
         """The current version cannot serve: keep the one serving, or (none yet) fall back to the newest that loads."""
@@ -261,6 +296,7 @@ class ModelWatcher:
                 self.runtime = load_runtime(self.store, installed, self.plant, self.threads, self.image_limits)
                 self._identity = _identity(installed)
             except Exception as exc:  # noqa: BLE001 - an older version may be damaged too: try the next
+                self.load_failures += 1
                 log.warning("fallback %s does not load either: %s", installed.manifest.label, _describe(exc))
                 continue
             n = installed.manifest.version
@@ -295,72 +331,49 @@ class ModelWatcher:
                 log.exception("edge model watcher: unexpected error; still watching")
 
 
-class _Reject(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it is known to be over `limit` (declared length, then bytes read)."""
-    too_large = _Reject(413, f"request body is larger than this server's limit of {limit / MB:g} MB (--max-body-mb); "
-                             "send fewer or smaller instances per request")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise _Reject(400, f"Content-Length {declared!r} is not a number")
-        if int(declared) > limit:
-            raise too_large
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise _Reject(400, "the client closed the connection before sending the whole body") from None
-    return b"".join(chunks)
-
-
-def _decode_image(value: Any, i: int) -> bytes:
+def decode_base64(value: Any, what: str) -> bytes:
+    """An image file's bytes sent as text in JSON: base64, or a data URI (`data:image/png;base64,...`)."""
     if not isinstance(value, str):
-        raise _Reject(400, f"instance {i} must be a base64 string of an image file's bytes, got {type(value).__name__}")
-    if value.startswith("data:") and "," in value:  # a data URI: data:image/png;base64,....
+        raise Refused(400, f"{what} must be a base64 string of an image file's bytes, got {type(value).__name__}")
+    if value.startswith("data:") and "," in value:
         value = value.split(",", 1)[1]
     try:
         return base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise _Reject(400, f"instance {i} is not valid base64 ({exc})") from None
+        raise Refused(400, f"{what} is not valid base64 ({exc})") from None
 
 
 def _json_instances(body: bytes, kind: str, limits: Limits) -> list[Any]:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _Reject(400, f"body is not valid JSON ({_first_line(exc)[:200]}); send {{\"instances\": [...]}}") from None
-    except ValueError as exc:  # an integer beyond Python's digit limit, and whatever else the decoder refuses
-        why = "an integer of more than 4300 digits" if "integer string conversion" in str(exc) else _first_line(exc)[:200]
-        raise _Reject(400, f"body cannot be read as a request ({why}); send {{\"instances\": [...]}} with numbers of ordinary size") from None
-    except RecursionError:
-        raise _Reject(400, "body is nested too deeply to be a request; send {\"instances\": [...]}") from None
+    payload = load_json(body, '{"instances": [...]}')
     if not isinstance(payload, dict) or "instances" not in payload:
-        raise _Reject(400, "body must be a JSON object with a list under \"instances\"")
+        raise Refused(400, "body must be a JSON object with a list under \"instances\"")
     instances = payload["instances"]
     if not isinstance(instances, list):
-        raise _Reject(400, f"\"instances\" must be a list, got {type(instances).__name__}")
+        raise Refused(400, f"\"instances\" must be a list, got {type(instances).__name__}")
     if not instances:
-        raise _Reject(400, "\"instances\" is empty; send at least one")
+        raise Refused(400, "\"instances\" is empty; send at least one")
     if len(instances) > limits.max_batch:
-        raise _Reject(413, f"{len(instances)} instances in one request; this server takes at most {limits.max_batch} (--max-batch)")
+        raise Refused(413, f"{len(instances)} instances in one request; this server takes at most {limits.max_batch} (--max-batch)")
     if kind == "image":
-        return [_decode_image(v, i) for i, v in enumerate(instances)]
+        return [decode_base64(v, f"instance {i}") for i, v in enumerate(instances)]
     return instances
+
+
+def check_images(rt: Runtime, instances: list[Any], limits: Limits) -> None:
+    """Whatever the task's adapter does, no image is decoded past the server's limits (ImageTooLarge: 413)."""
+    if rt.kind == "image":
+        image = limits.image
+        for i, data in enumerate(instances):
+            check_image_size(data, i, image)
+
+
+def _not_empty(body: bytes) -> None:
+    if not body:
+        raise Refused(400, "empty body; send the bytes of one image file")
 
 
 def _answer(rt: Runtime, body: bytes, raw: bool, limits: Limits, run_options: onnxruntime.RunOptions) -> list[dict[str, Any]]:
@@ -368,33 +381,44 @@ def _answer(rt: Runtime, body: bytes, raw: bool, limits: Limits, run_options: on
     if run_options.terminate:  # the request's time ran out while it waited
         raise Abandoned
     instances = [body] if raw else _json_instances(body, rt.kind, limits)
-    if rt.kind == "image":  # whatever the task's adapter does, no image is decoded past the server's limits
-        image = limits.image
-        for i, data in enumerate(instances):
-            check_image_size(data, i, image)
+    check_images(rt, instances, limits)
     predictions = rt.predict(instances, run_options)
     try:
         json.dumps(predictions, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise BadInput(f"the answers for these instances are not finite numbers ({_first_line(exc)})") from None
+        raise BadInput(f"the answers for these instances are not finite numbers ({first_line(exc)})") from None
     return predictions
 
 
-def create_app(watcher: ModelWatcher, plant_id: str, limits: Limits) -> Starlette:
-    import onnxruntime
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+def reject(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A refused request: logged with its client, answered `{"error": one line}` (the shape of both protocols)."""
+    client = f"{request.client.host}:{request.client.port}" if request.client else "?"
+    log.info("%s %s from %s -> %d: %s", request.method, request.url.path, client, status, message)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    admission = Admission(limits.max_in_model, limits.max_waiting)
-    retry_after = {"Retry-After": "1"}
 
-    def reject(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        client = f"{request.client.host}:{request.client.port}" if request.client else "?"
-        log.info("%s %s from %s -> %d: %s", request.method, request.url.path, client, status, message)
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+def create_app(watcher: ModelWatcher, plant_id: str, limits: Limits, *, page_token: str | None = None, page_hint: str = "") -> Starlette:
+    """The edge server: `/health` and `POST /v1/predict` (maxfl's own JSON), KServe's Open Inference Protocol v2
+    under `/v2` (edge.oip), `/metrics` (edge.metrics) and the plant's page under `/plant` (edge.plant_page).
+
+    Only the page needs a token: `page_token` None makes a random one nobody knows (the page stays shut);
+    `serve` passes the plant's own, and `page_hint` says in the 401 where it is.
+    """
+    import secrets
+
+    from starlette.middleware import Middleware
+
+    from edge import oip, plant_page
+    from edge.metrics import EdgeMetrics, RequestMetrics
+    from maxfl.page_auth import TokenAuth
+
+    metrics = EdgeMetrics(watcher)
+    gate = Gate(limits, on_refused=metrics.admission_refused)
+    metrics.watch_admission(gate.admission)
 
     async def health(request: Request) -> JSONResponse:
         rt = watcher.runtime
-        common = {"plant": plant_id, "watching": watcher.model_name, "problem": watcher.problem, "requests": admission.describe()}
+        common = {"plant": plant_id, "watching": watcher.model_name, "problem": watcher.problem, "requests": gate.admission.describe()}
         if rt is None:
             return JSONResponse({"status": "no-model", "model": None, "serving": None, **common}, status_code=503)
         return JSONResponse({"status": "degraded" if watcher.problem else "serving", "model": {**rt.describe(), "task": rt.manifest.task},
@@ -404,78 +428,45 @@ def create_app(watcher: ModelWatcher, plant_id: str, limits: Limits) -> Starlett
         rt = watcher.runtime  # this request's model, whatever is swapped in meanwhile
         try:
             if rt is None:
-                raise _Reject(503, "no model is installed at this plant yet; the server serves the first one the anchor deploys")
+                raise Refused(503, "no model is installed at this plant yet; the server serves the first one the anchor deploys")
             media = _media_type(request)
             raw = media.startswith("image/") or media in RAW_TYPES
             if media != JSON_TYPE and not raw:
-                raise _Reject(415, f"unsupported Content-Type {media or '(none)'!r}; send application/json {{\"instances\": [...]}}"
+                raise Refused(415, f"unsupported Content-Type {media or '(none)'!r}; send application/json {{\"instances\": [...]}}"
                                    + (", or one image file's bytes as image/* or application/octet-stream" if rt.kind == "image" else ""))
             if raw and rt.kind != "image":
-                raise _Reject(415, f"{rt.manifest.model_name} takes {rt.kind}s, not raw bytes; send application/json {{\"instances\": [...]}}")
-            try:
-                ticket = admission.enter()
-            except Busy:
-                raise _Reject(503, f"busy: {limits.max_in_model} requests in the model and {limits.max_waiting} waiting; retry shortly") from None
-            try:
-                predictions = await _admitted(request, rt, raw, ticket)
-            finally:
-                admission.leave(ticket)
-        except _Reject as exc:
-            return reject(request, exc.status, exc.message, retry_after if exc.status == 503 and rt is not None else None)
-        except ImageTooLarge as exc:
-            return reject(request, 413, _first_line(exc))
-        except BadInput as exc:
-            return reject(request, 400, _first_line(exc))
-        except (InvalidArgument, Fail) as exc:  # the adapter let through something the model cannot take
-            return reject(request, 400, f"the model cannot take this input: {_first_line(exc)}")
+                raise Refused(415, f"{rt.manifest.model_name} takes {rt.kind}s, not raw bytes; send application/json {{\"instances\": [...]}}")
+            predictions = await gate.run(request, lambda body, run_options: _answer(rt, body, raw, limits, run_options),
+                                         check_body=_not_empty if raw else None)
+        except Refused as exc:
+            return reject(request, exc.status, exc.message, exc.headers)
         return JSONResponse({"model": rt.describe(), "predictions": predictions},
                             headers={"X-Model-Version": f"{rt.manifest.model_name}/{rt.manifest.version}", "X-Model-Variant": rt.variant})
 
-    async def _admitted(request: Request, rt: Runtime, raw: bool, ticket: Ticket) -> list[dict[str, Any]]:
-        """Between admission and answer: the body (in the connection's body time), then a model thread and the
-        work, within the request's time."""
-        body = await _read_body(request, limits.max_body_bytes)
-        if raw and not body:
-            raise _Reject(400, "empty body; send the bytes of one image file")
-        deadline = time.monotonic() + limits.request_timeout_s
-        run_options = onnxruntime.RunOptions()
-        try:
-            done = await admission.run(ticket, lambda: _answer(rt, body, raw, limits, run_options), deadline - time.monotonic())
-        except Busy:
-            raise _Reject(503, f"busy: waited {limits.request_timeout_s:g} s (--request-timeout-s) for the model; retry shortly") from None
-        try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                return await asyncio.shield(done)
-        except TimeoutError:
-            run_options.terminate = True  # onnxruntime stops the run; the thread is freed when it returns
-            done.add_done_callback(_retrieve)
-            raise _Reject(504, f"the model did not answer within {limits.request_timeout_s:g} s (--request-timeout-s); "
-                               "send fewer or smaller instances") from None
-        except Abandoned:
-            raise _Reject(504, f"the request ran out of its {limits.request_timeout_s:g} s (--request-timeout-s)") from None
-        except Fail:
-            if run_options.terminate:
-                raise _Reject(504, f"the model did not answer within {limits.request_timeout_s:g} s (--request-timeout-s)") from None
-            raise
-
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        return reject(request, exc.status_code, f"{exc.detail}: {request.method} {request.url.path}; use GET /health or POST /v1/predict")
+        return reject(request, exc.status_code, f"{exc.detail}: {request.method} {request.url.path}; use GET /health or POST /v1/predict, "
+                                                f"the Open Inference Protocol under /v2, GET /metrics or GET /plant")
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/predict", predict, methods=["POST"]),
+        *oip.routes(watcher, plant_id, limits, gate),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+        *plant_page.routes(watcher, plant_id, metrics),
+    ]
     return Starlette(
-        routes=[Route("/health", health, methods=["GET"]), Route("/v1/predict", predict, methods=["POST"])],
+        routes=routes,
+        middleware=[
+            Middleware(RequestMetrics, metrics=metrics, routes=routes),  # outermost: the page's 401s are counted too
+            Middleware(TokenAuth, token=page_token or secrets.token_urlsafe(32), protected=plant_page.PROTECTED, hint=page_hint),
+        ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Read an abandoned request's outcome, so asyncio does not log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -492,10 +483,27 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def page_url(host: str, port: int, token: str) -> str:
+    """The plant page's address with its token, as printed at start (a wildcard address shows this host's name)."""
+    shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/plant?token={token}"
+
+
 def serve(plant: PlantConfig, model_name: str | None, host: str = "127.0.0.1", port: int = 8600, *, threads: int = 1,
-          limits: Limits | None = None, poll_s: float = 0.2) -> None:
-    """Serve until SIGINT/SIGTERM. Starts without a model if none is installed yet, and serves the first that is."""
+          limits: Limits | None = None, poll_s: float = 0.2, announce: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM. Starts without a model if none is installed yet, and serves the first that is.
+
+    `announce` gets one line, the plant page's URL with its token (default: logged); the token is made once, in
+    `<edge store>/page-token` (owner-only), and read from there on every start."""
+    import importlib.util
+
     import uvicorn
+
+    from maxfl.page_auth import load_or_create_token
+
+    absent = [name for name in ("prometheus_client", "jinja2") if importlib.util.find_spec(name) is None]
+    if absent:
+        raise ConfigError(f"the edge server needs {' and '.join(absent)}, which come with the plant's install: pip install 'maxfl[client]'")
 
     limits = limits or Limits()
     if threads < 1:
@@ -512,8 +520,10 @@ def serve(plant: PlantConfig, model_name: str | None, host: str = "127.0.0.1", p
     watcher = ModelWatcher(store, plant, model_name or (names[0] if names else None), threads=threads, poll_s=poll_s,
                            image_limits=limits.image)
     watcher.check(force=True)
+    token_file = store.root / PAGE_TOKEN_FILE
+    token = load_or_create_token(token_file)
     sock = bind(host, port)
-    app = create_app(watcher, plant.plant_id, limits)
+    app = create_app(watcher, plant.plant_id, limits, page_token=token, page_hint=f"the token is in {token_file}")
     config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off", ws="none", timeout_graceful_shutdown=10,
                             **uvicorn_limits(limits))
     server = uvicorn.Server(config)
@@ -525,6 +535,7 @@ def serve(plant: PlantConfig, model_name: str | None, host: str = "127.0.0.1", p
              f"serving {rt.manifest.label}" if rt else f"no model yet, waiting for {watcher.model_name or 'the first install'}", store.root)
     if watcher.problem:
         log.error("degraded: %s", watcher.problem)
+    (announce or log.info)(f"plant page: {page_url(host, sock.getsockname()[1], token)}")
     try:
         server.run(sockets=[sock])
     finally:

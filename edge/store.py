@@ -211,8 +211,12 @@ class EdgeStore:
             return None
 
     def current(self, model_name: str) -> InstalledModel | None:
+        return self.current_state(model_name)[1]
+
+    def current_state(self, model_name: str) -> tuple[CurrentPointer | None, InstalledModel | None]:
+        """The pointer and the version it names, from one read of the pointer (the server tells a rollback by its history)."""
         state = self.pointer_state(model_name)
-        return None if state is None else self._installed(model_name, state.version)
+        return state, None if state is None else self._installed(model_name, state.version)
 
     def models(self) -> list[str]:
         """Model names with at least one installed version or a pointer, sorted."""

@@ -5,6 +5,8 @@ the pages show privacy budgets, audit trails and the federation's members. So ev
 page's token, sent the way a person or a scraper can: `Authorization: Bearer TOKEN` (Prometheus' `authorization`
 scrape option, curl), or once as `?token=TOKEN` in the URL the server printed, which sets an HttpOnly cookie and
 redirects to the same page without it (Jupyter's way), so the token does not stay in the address bar or history.
+Browsers keep cookies per host, not per port: the cookie's name carries a digest of the token, so the anchor's page
+and a plant's page on one host (a local federation) each keep their own.
 
 The token lives in a file only its owner can read, made once (`load_or_create_token`); rotating it is deleting
 the file and restarting the server.
@@ -12,6 +14,7 @@ the file and restarting the server.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
@@ -23,12 +26,17 @@ from urllib.parse import parse_qsl, urlencode
 from maxfl.atomic import atomic_write_text
 from maxfl.errors import ConfigError
 
-COOKIE = "maxfl_page_token"
+COOKIE_PREFIX = "maxfl_page_"
 TOKEN_BYTES = 32
 
 Scope = dict
 Receive = Callable
 Send = Callable
+
+
+def cookie_name(token: str) -> str:
+    """The cookie that carries `token`: one per page (token), so pages on one host do not overwrite each other's."""
+    return COOKIE_PREFIX + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def load_or_create_token(path: Path) -> str:
@@ -58,6 +66,7 @@ class TokenAuth:
         if not token:
             raise ConfigError("a page needs a non-empty token")
         self.app, self.token, self.protected, self.hint = app, token, tuple(protected), hint
+        self.cookie = cookie_name(token)
 
     def _protects(self, path: str) -> bool:
         prefixes = [p.rstrip("/") for p in self.protected]
@@ -78,7 +87,7 @@ class TokenAuth:
             cookie.load(headers.get("cookie", ""))
         except Exception:  # noqa: BLE001 - a malformed Cookie header is no token, not a 500
             cookie = SimpleCookie()
-        from_cookie = cookie[COOKIE].value if COOKIE in cookie else None
+        from_cookie = cookie[self.cookie].value if self.cookie in cookie else None
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         from_query = next((v for k, v in query if k == "token"), None)
         if self._matches(bearer) or self._matches(from_cookie):
@@ -89,7 +98,7 @@ class TokenAuth:
             location = scope["path"] + (f"?{rest}" if rest else "")
             await _respond(send, 303, "see the page without the token in its address\n", [
                 (b"location", location.encode("latin-1")),
-                (b"set-cookie", f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/".encode("latin-1")),
+                (b"set-cookie", f"{self.cookie}={self.token}; HttpOnly; SameSite=Strict; Path=/".encode("latin-1")),
             ])
             return
         what = "a wrong token" if bearer or from_cookie or from_query else "no token"

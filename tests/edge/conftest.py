@@ -28,13 +28,15 @@ FAKES_MODULE = "edge_test_fakes"  # the name this file is importable under, so t
 # ---- tiny ONNX models ---------------------------------------------------------------------------------------
 
 
-def linear_onnx(feature_shape: Sequence[int], bias: Sequence[float], input_name: str = "input", output_name: str = "logits") -> bytes:
-    """logits = flatten(x) @ 0 + bias: every answer shows which model computed it (bias[0] = its version)."""
+def linear_onnx(feature_shape: Sequence[int], bias: Sequence[float], input_name: str = "input", output_name: str = "logits",
+                weights: np.ndarray | None = None) -> bytes:
+    """logits = flatten(x) @ weights + bias; weights 0 by default: every answer shows which model computed it (bias[0] = its version)."""
     import onnx
     from onnx import TensorProto, helper
 
     features = int(np.prod(feature_shape))
     classes = len(bias)
+    w = np.zeros((features, classes)) if weights is None else np.asarray(weights, dtype=float).reshape(features, classes)
     graph = helper.make_graph(
         [helper.make_node("Flatten", [input_name], ["flat"], axis=1),
          helper.make_node("MatMul", ["flat", "w"], ["mm"]),
@@ -42,7 +44,7 @@ def linear_onnx(feature_shape: Sequence[int], bias: Sequence[float], input_name:
         "linear",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *feature_shape])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", classes])],
-        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [features, classes], np.zeros(features * classes).tolist()),
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [features, classes], w.ravel().tolist()),
                      helper.make_tensor("b", TensorProto.FLOAT, [classes], list(bias))],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
@@ -114,6 +116,7 @@ def _answers(outputs: np.ndarray) -> list[dict[str, Any]]:
 
 class ImageServing:
     kind = "image"
+    mode = "L"  # what the Open Inference Protocol's metadata names (edge.oip reads the real adapters' attributes)
 
     def batch(self, instances: Sequence[Any]) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -132,6 +135,7 @@ class ImageServing:
 
 class WindowServing:
     kind = "window"
+    window, variables = WINDOW_SHAPE
 
     def batch(self, instances: Sequence[Any]) -> np.ndarray:
         out = []
@@ -150,6 +154,7 @@ class WindowServing:
 
 class RowServing:
     kind = "row"
+    columns = ROW_FIELDS
 
     def batch(self, instances: Sequence[Any]) -> np.ndarray:
         out = []
@@ -262,8 +267,10 @@ def plant(tmp: Path, plant_id: str = "plant-1") -> Any:
 
 
 @contextmanager
-def in_process_server(plant_config: Any, model_name: str | None, max_batch: int = 64, max_body_bytes: int = 8 << 20, **limits: Any) -> Iterator[Any]:
-    """A real uvicorn server on a free port in a thread of this process, with serve's connection limits; yields (base URL, watcher)."""
+def in_process_server(plant_config: Any, model_name: str | None, max_batch: int = 64, max_body_bytes: int = 8 << 20, page_token: str | None = None,
+                      **limits: Any) -> Iterator[Any]:
+    """A real uvicorn server on a free port in a thread of this process, with serve's connection limits; yields (base URL, watcher).
+    `page_token`: the plant page's (None: a random one no one knows)."""
     import uvicorn
 
     from edge.server import Limits, ModelWatcher, create_app, uvicorn_limits
@@ -275,7 +282,7 @@ def in_process_server(plant_config: Any, model_name: str | None, max_batch: int 
     watcher.check(force=True)
     watcher.start()
     port = free_port()
-    app = create_app(watcher, plant_config.plant_id, config)
+    app = create_app(watcher, plant_config.plant_id, config, page_token=page_token)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning", access_log=False,
                                            lifespan="off", ws="none", **uvicorn_limits(config)))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -11,9 +11,10 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from maxfl.errors import ConfigError
-from maxfl.page_auth import COOKIE, TokenAuth, load_or_create_token
+from maxfl.page_auth import TokenAuth, cookie_name, load_or_create_token
 
 TOKEN = "t" * 43
+COOKIE = cookie_name(TOKEN)
 
 
 def _client(protected=("/plant",)) -> TestClient:
@@ -62,3 +63,12 @@ def test_the_token_file_is_made_once_and_owner_only(tmp_path):
     path.write_text("short\n")
     with pytest.raises(ConfigError, match="delete the file"):
         load_or_create_token(path)
+
+
+def test_two_pages_on_one_host_keep_their_own_cookies():
+    """Browsers keep cookies per host, not per port: the anchor's page and a plant's page must not overwrite each other's."""
+    assert cookie_name("a" * 43) != cookie_name("b" * 43) and cookie_name(TOKEN) == COOKIE
+    client = _client()
+    client.cookies.set(cookie_name("another page's token" * 3), "whatever")
+    client.cookies.set(COOKIE, TOKEN)
+    assert client.get("/plant").status_code == 200
