@@ -1,14 +1,17 @@
 """Round overhead and peak memory of the local federation in deployment mode.
 
-Overhead of a round = its wall time (first train message out to last eval reply aggregated and logged)
+Overhead of a round = its wall time (first train message out to the round's last reply aggregated and logged)
 minus the slowest plant's local training time; the ServerApp logs both per round to MLflow. The phase
-columns split it: each phase's wall time minus the slowest plant's own work in that phase. Peak memory = the highest sum
+columns split it: each phase's wall time minus the slowest plant's own work in that phase. With maxfl's default
+`evaluate-with-train`, a round is one exchange whose train message also has the plants evaluate the previous
+round's model; the final round adds the final model's evaluation exchange: the mean over rounds counts it. Peak memory = the highest sum
 of RSS over every process of the federation (MLflow, SuperLink, ServerApp, SuperNodes, ClientApps).
 
     .venv/bin/python experiments/round_overhead.py --plants 5 --rounds 4
 
-Compares Flower's defaults (a new ClientApp process per message, 3 s polling) with maxfl's resident
-task processes and LAN-sized polling, side by side in one run. Also: each plant's memory at rest (its
+Compares Flower's defaults (a new ClientApp process per message, 3 s polling, an evaluation exchange after every
+training exchange) with maxfl's defaults (resident task processes, LAN-sized polling, evaluation with the next train
+message), side by side in one run. Also: each plant's memory at rest (its
 SuperNode and executor, PSS, before the run) and the bytes of its update per round against the model's fp32
 size. Prints a table; writes experiments/results/round_overhead.json.
 """
@@ -87,7 +90,8 @@ def _round_metrics(client, run_id: str, rounds: int) -> list[dict[str, float]]: 
     for step in range(1, rounds + 1):
         row = {}
         for key in ("round_overhead_s", "round_wall_s", "round_train_overhead_s", "round_eval_overhead_s", "model_bytes"):
-            row[key] = next(m.value for m in client.get_metric_history(run_id, key) if m.step == step)
+            # a round whose evaluation rode on the next train message has no evaluation phase of its own
+            row[key] = next((m.value for m in client.get_metric_history(run_id, key) if m.step == step), None)
         sizes = [m.value for k in client.get_run(run_id).data.metrics if k.endswith("/update_bytes")
                  for m in client.get_metric_history(run_id, k) if m.step == step]
         row["update_bytes_max"] = max(sizes)
@@ -95,12 +99,18 @@ def _round_metrics(client, run_id: str, rounds: int) -> list[dict[str, float]]: 
     return per_round
 
 
-def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll_s: float, encoding: str) -> dict[str, object]:
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll_s: float, fold: bool, encoding: str) -> dict[str, object]:
     from mlflow.tracking import MlflowClient
 
     settings = FederationSettings(
         app_dir=find_app_dir(), workdir=workdir, plants=plants, warm=warm,
-        run_overrides={"num-server-rounds": rounds, "poll-interval-s": poll_s, "min-plants": min(plants, 2), "update-encoding": encoding},
+        run_overrides={"num-server-rounds": rounds, "poll-interval-s": poll_s, "min-plants": min(plants, 2), "update-encoding": encoding,
+                       "evaluate-with-train": fold, "contribution": "off"},
     )
     sampler = MemorySampler()
     sampler.start()
@@ -117,13 +127,15 @@ def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll
     per_round = _round_metrics(client, result.mlflow_run_id, rounds)
     overheads = [r["round_overhead_s"] for r in per_round]
     return {
-        "setup": name, "plants": plants, "rounds": rounds, "warm_executors": warm, "server_poll_s": poll_s, "update_encoding": encoding,
+        "setup": name, "plants": plants, "rounds": rounds, "warm_executors": warm, "server_poll_s": poll_s, "evaluate_with_train": fold,
+        "update_encoding": encoding,
         "overhead_per_round_s_median": statistics.median(overheads),
         "overhead_per_round_s_max": max(overheads),
+        "overhead_per_round_s_mean": statistics.mean(overheads),
         "overhead_per_round_s_after_first_median": statistics.median(overheads[1:]) if rounds > 1 else None,
         "wall_per_round_s_median": statistics.median(r["round_wall_s"] for r in per_round),
-        "train_phase_overhead_s_median": statistics.median(r["round_train_overhead_s"] for r in per_round),
-        "eval_phase_overhead_s_median": statistics.median(r["round_eval_overhead_s"] for r in per_round),
+        "train_phase_overhead_s_median": _median([r["round_train_overhead_s"] for r in per_round]),
+        "eval_phase_overhead_s_median": _median([r["round_eval_overhead_s"] for r in per_round]),
         "update_bytes_per_plant_round": max(r["update_bytes_max"] for r in per_round),
         "model_fp32_bytes": per_round[0]["model_bytes"],
         "plant_pss_at_rest_mib": rest, "plant_pss_after_run_mib": after,
@@ -143,24 +155,26 @@ def main() -> None:
     parser.add_argument("--commit", default="", help="the commit a copy of the tree (no .git) was made from")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    setups = {
-        "defaults": ("flower defaults", False, 3.0),
-        "warm": ("maxfl resident + LAN polling", True, 0.1),
+    setups = {  # Flower's defaults: a ClientApp process per message, 3 s polls, an evaluation exchange after every training one
+        "defaults": ("flower defaults", False, 3.0, False),
+        "warm": ("maxfl default", True, 0.1, True),
     }
     rows = [
-        measure(name, args.workdir / key, args.plants, args.rounds, warm=warm, poll_s=poll_s, encoding=args.update_encoding)
+        measure(name, args.workdir / key, args.plants, args.rounds, warm=warm, poll_s=poll_s, fold=fold, encoding=args.update_encoding)
         for key in args.setups.split(",")
-        for name, warm, poll_s in [setups[key]]
+        for name, warm, poll_s, fold in [setups[key]]
     ]
-    print(f"{'setup':<30} {'overhead/round':>15} {'(max)':>7} {'train ph.':>10} {'eval ph.':>9} {'wall/round':>11}"
+    print(f"{'setup':<30} {'overhead/round':>15} {'(mean)':>8} {'(max)':>7} {'train ph.':>10} {'eval ph.':>9} {'wall/round':>11}"
           f" {'plant PSS rest':>15} {'update/fp32':>12} {'peak PSS':>10}")
     for r in rows:
         rest = max(r["plant_pss_at_rest_mib"].values())
         ratio = r["update_bytes_per_plant_round"] / r["model_fp32_bytes"]
-        print(f"{r['setup']:<30} {r['overhead_per_round_s_median']:>13.2f} s {r['overhead_per_round_s_max']:>5.1f} s"
-              f" {r['train_phase_overhead_s_median']:>8.2f} s {r['eval_phase_overhead_s_median']:>7.2f} s"
+        print(f"{r['setup']:<30} {r['overhead_per_round_s_median']:>13.2f} s {r['overhead_per_round_s_mean']:>6.2f} s"
+              f" {r['overhead_per_round_s_max']:>5.1f} s"
+              f" {r['train_phase_overhead_s_median']:>8.2f} s {r['eval_phase_overhead_s_median'] or 0.0:>7.2f} s"
               f" {r['wall_per_round_s_median']:>9.1f} s {rest:>11.0f} MiB {ratio:>11.3f}x {r['peak_pss_sum_mib']:>6.0f} MiB")
-    print("median over rounds; overhead = round wall time - slowest plant's local training time; plant PSS: the largest plant's")
+    print("median (and mean) over rounds; overhead = round wall time - slowest plant's local training time; eval ph.: the rounds "
+          "with an evaluation exchange of their own; plant PSS: the largest plant's")
     if len(rows) == 2:
         print(f"overhead ratio, {rows[0]['setup']} / {rows[1]['setup']}: "
               f"{rows[0]['overhead_per_round_s_median'] / rows[1]['overhead_per_round_s_median']:.1f}x")

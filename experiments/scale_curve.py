@@ -198,7 +198,9 @@ def measure(mode: str, plants: int, rounds: int, workdir: Path) -> dict[str, Any
         "anchor_pss_mib": anchor,
         "peak_pss_mib_by_group": mib,
         "model_payload_bytes": payload,
-        "derived_bytes_per_plant_round": {"down": 2 * payload, "up": payload},
+        # down: the train message each round (which also has the plant evaluate the previous round's model) and the final
+        # model's evaluation message once per run; up: the update
+        "derived_bytes_per_plant_round": {"down": payload * (rounds + 1) / rounds, "up": payload},
         "measured_bytes_per_plant_round": relayed / per if mode == "deployment" else None,
         "measured_on": ("the proxy's /proc/PID/io (rchar + wchar) / 2: the plants' TLS link, polls and heartbeats included"
                         if mode == "deployment" else "nothing: flwr-simulation runs the ServerApp in a thread and hands the "
@@ -217,33 +219,37 @@ def measure(mode: str, plants: int, rounds: int, workdir: Path) -> dict[str, Any
 
 
 def _growth(rows: list[dict[str, Any]], mode: str, key: str) -> str:
-    """How `key` changed from the smallest to the largest point of `mode`, against the plants' own factor."""
+    """How `key` changed from the smallest to the largest point of `mode`, against the plants' own factor, and what that
+    shape is: flat (x1.25 or less), sublinear (less than 0.8 of the plants' factor), linear, or superlinear."""
     sel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["plants"])
-    if len(sel) < 2:
+    if len(sel) < 2 or not sel[0][key]:
         return "n/a"
     lo, hi = sel[0], sel[-1]
-    return f"x{hi[key] / lo[key]:.1f} for x{hi['plants'] / lo['plants']:.0f} plants ({lo[key]:.1f} -> {hi[key]:.1f})"
+    grew, plants = hi[key] / lo[key], hi["plants"] / lo["plants"]
+    shape = "flat" if grew <= 1.25 else "sublinear" if grew < 0.8 * plants else "linear" if grew <= 1.25 * plants else "superlinear"
+    return f"{shape}: x{grew:.1f} for x{plants:.0f} plants ({lo[key]:.1f} -> {hi[key]:.1f})"
 
 
 def notes(rows: list[dict[str, Any]]) -> list[str]:
-    """What grows linearly and what does not (from the rows), and what limits the next step."""
+    """What grows with the plants and how (from the rows), and what limits the next step."""
     for r in rows:
         r["plants_pss_mib_all"] = r["plant_pss_mib"] * r["plants"]
+        measured = r.get("measured_bytes_per_plant_round")
+        r["bytes_per_plant_round"] = measured if measured is not None else sum(r["derived_bytes_per_plant_round"].values())
     return [
-        f"round time: simulation {_growth(rows, 'simulation', 'round_wall_s_median')}, deployment "
-        f"{_growth(rows, 'deployment', 'round_wall_s_median')}. Sublinear: a round's fixed cost (the ServerApp's polling, aggregation, "
-        "MLflow logging, Flower's message path) dominates the plants' own work (one epoch on 80 rows).",
-        f"anchor memory (MLflow, SuperLink, ServerApp; simulation: with flwr-simulation) is flat: simulation "
-        f"{_growth(rows, 'simulation', 'anchor_pss_mib')}, deployment {_growth(rows, 'deployment', 'anchor_pss_mib')}.",
-        f"plants' memory: simulation's Ray workers are as many as Ray's actors, not plants: all plants together "
-        f"{_growth(rows, 'simulation', 'plants_pss_mib_all')} MiB; deployment grows linearly, a SuperNode and a warm executor "
-        f"holding torch per plant: {_growth(rows, 'deployment', 'plants_pss_mib_all')} MiB.",
-        "bytes per plant per round are flat (the model's ArrayRecord down twice, up once, plus Flower's framing and, in deployment, "
-        "TLS and the SuperNodes' polls and heartbeats): the anchor's total grows linearly with plants.",
-        "what limits the next step: CPU (2 cores shared by every process; in simulation Flower's default client-resources "
-        "num-cpus = 2 gives one Ray actor, so virtual plants run one at a time); in deployment memory and CPU too (each plant "
-        "is two Python processes with torch; 20 SuperNodes start and poll on 2 cores). MLflow's SQLite store takes about 10 "
-        "metrics per plant per round from one writer: not the limit at these sizes.",
+        f"round time: simulation {_growth(rows, 'simulation', 'round_wall_s_median')}; deployment "
+        f"{_growth(rows, 'deployment', 'round_wall_s_median')}.",
+        f"anchor memory (MLflow, SuperLink, ServerApp; simulation: with flwr-simulation): simulation "
+        f"{_growth(rows, 'simulation', 'anchor_pss_mib')}; deployment {_growth(rows, 'deployment', 'anchor_pss_mib')}.",
+        f"all plants' memory: simulation {_growth(rows, 'simulation', 'plants_pss_mib_all')} MiB (Ray's workers are as many as "
+        f"its actors, not plants); deployment {_growth(rows, 'deployment', 'plants_pss_mib_all')} MiB (a SuperNode and a warm "
+        "executor holding torch per plant).",
+        f"bytes per plant per round: deployment {_growth(rows, 'deployment', 'bytes_per_plant_round')} (measured at the proxy); "
+        "the anchor's total is that times the plants.",
+        "what limits the next step: CPU, two cores shared by every process (in simulation Flower's default client-resources "
+        "num-cpus = 2 gives one Ray actor, so virtual plants train one at a time; in deployment each plant is two Python "
+        "processes, and the SuperLink answers every plant's polls and object transfers in one process); in deployment memory "
+        "next (see the plants' PSS).",
     ]
 
 

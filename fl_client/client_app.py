@@ -17,7 +17,8 @@ from fl_client.mods import central_clipping_mod, plant_declines_mod, update_enco
 from fl_client.resident import plant_data
 from maxfl.errors import ConfigError, UserError
 from maxfl.messages import (
-    ACK, ARRAYS, CONFIG, DEPLOY, FINGERPRINT_KEY, METRICS, ONNX, PLANT, PRIVACY_PREFIX, PROFILE, RELEASE, WEIGHT_KEY, DataQuery, DeployAck,
+    ACK, ARRAYS, CONFIG, CONTRIBUTION, DEPLOY, EVALUATION, FINGERPRINT_KEY, METRICS, ONNX, PLANT, PRIVACY_PREFIX, PROFILE, RELEASE, WEIGHT_KEY,
+    ContributionRequest, DataQuery, DeployAck,
     RoundInstructions,
 )
 from maxfl.release import ReleaseManifest
@@ -79,6 +80,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=batch_size, num_rounds=instructions.num_server_rounds,
     )
     model = _load_model(task, spec, msg)
+    evaluation = _evaluation(task, model, data, spec) if instructions.evaluate_first else None
     settings = TrainSettings.for_round(
         instructions.local_epochs, batch_size, instructions.learning_rate, instructions.lr_schedule,
         instructions.seed, plant.plant_id, instructions.server_round, instructions.num_server_rounds,
@@ -89,7 +91,16 @@ def train(msg: Message, context: Context) -> Message:
     metrics[WEIGHT_KEY] = len(data.y_train)
     reply = _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics), ARRAYS: pack(model)}))
     reply.content[PLANT][FINGERPRINT_KEY] = grant.fingerprint  # with dp_epsilon: the anchor sees a lifetime spend go down
+    if evaluation is not None:
+        reply.content[EVALUATION] = evaluation
     return reply
+
+
+def _evaluation(task: Task, model: nn.Module, data: PlantData, spec: TaskSpec) -> MetricRecord:
+    """The model's metrics on the held-out split, weighted by its size: what the evaluate handler answers."""
+    metrics = task.evaluate(model, data, spec)
+    metrics[WEIGHT_KEY] = len(data.y_test)
+    return MetricRecord(metrics)
 
 
 @app.evaluate()
@@ -98,8 +109,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     the export's outputs are from the torch model's on these real records."""
     plant, _, task, spec, data = _prepare(msg, context)
     model = _load_model(task, spec, msg)
-    metrics = task.evaluate(model, data, spec)
-    metrics[WEIGHT_KEY] = len(data.y_test)
+    metrics = _evaluation(task, model, data, spec)
     if ONNX in msg.content.config_records:
         from maxfl import onnx_model
 
@@ -112,7 +122,27 @@ def evaluate(msg: Message, context: Context) -> Message:
         else:  # the export is the whole pipeline: run it on the images, the trained head on their cached features
             raw = data.export_inputs().numpy()
             metrics["onnx_max_abs_diff"] = onnx_model.max_deviation(session, model, data.x_test[: len(raw)].numpy(), onnx_inputs=raw)
-    return _reply(msg, plant, RecordDict({METRICS: MetricRecord(metrics)}))
+    return _reply(msg, plant, RecordDict({METRICS: metrics}))
+
+
+@app.query(CONTRIBUTION)
+def contribution(msg: Message, context: Context) -> Message:
+    """Score the anchor's rebuilt sub-federation models (fl_server.run.contribution) on the held-out split, one row of
+    the stacked array per model. Nothing trains and the ledger is not touched (no epsilon); only the scores leave."""
+    plant, _, task, spec, data = _prepare(msg, context)
+    request = ContributionRequest.parse(msg.content[CONTRIBUTION])
+    stacked = msg.content[ARRAYS].to_numpy_ndarrays()
+    if len(stacked) != 1 or stacked[0].ndim != 2:
+        raise ConfigError(f"the anchor sent contribution models as arrays {[a.shape for a in stacked]}, not one stack of models")
+    model = task.build_model(spec)
+    scores: list[float] = []
+    metrics: dict[str, float] = {}
+    for row in stacked[0]:
+        metrics = task.evaluate(unpack_into(model, ArrayRecord([row])), data, spec)
+        scores.append(float(metrics.get(request.metric, float("nan"))))
+    reply = {request.metric: scores, WEIGHT_KEY: len(data.y_test), "model-offset": request.offset}
+    reply |= {k: metrics[k] for k in ("eval_test_classes",) if k in metrics}  # the gate leaves one-class splits uncounted
+    return _reply(msg, plant, RecordDict({METRICS: MetricRecord(reply)}))
 
 
 @app.query(DEPLOY)

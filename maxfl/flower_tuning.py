@@ -27,24 +27,42 @@ def _checked_version() -> bool:
     return False
 
 
-class _CappedSleep:
-    """Stands in for the `time` module inside one Flower module only."""
+FLOWER_IDLE_POLL_S = 3.0  # Flower 1.41's SuperNode: the sleep after a poll of the SuperLink that found no message
 
-    def __init__(self, cap_s: float) -> None:
-        self.cap_s = cap_s
+
+class _PacedSleep:
+    """Stands in for the `time` module inside Flower's SuperNode loop, whose only sleeps are the idle poll (3 s) and the
+    waits for its ClientApp's reply and objects (0.5 s steps).
+
+    A wait for the plant's own reply (local, cheap) takes `reply_s`. An idle poll takes `poll_s` while the plant is in a
+    run, and longer the longer it has been quiet (a twentieth of the quiet time), up to Flower's 3 s: a plant waiting
+    seconds for the others notices its next message within a small fraction of that wait, and the plants of an idle
+    federation stop asking the SuperLink five times a second each.
+    """
+
+    def __init__(self, poll_s: float, reply_s: float, clock: ModuleType = _time) -> None:
+        self.poll_s, self.reply_s, self.clock = poll_s, reply_s, clock
+        self.busy_at = clock.monotonic()
+
+    def interval(self, seconds: float) -> float:
+        now = self.clock.monotonic()
+        if seconds < FLOWER_IDLE_POLL_S:  # waiting on its own ClientApp: a run is going on
+            self.busy_at = now
+            return min(seconds, self.reply_s)
+        return min(seconds, max(self.poll_s, (now - self.busy_at) / 20))
 
     def sleep(self, seconds: float) -> None:
-        _time.sleep(min(seconds, self.cap_s))
+        self.clock.sleep(self.interval(seconds))
 
     def __getattr__(self, name: str) -> object:
-        return getattr(_time, name)
+        return getattr(self.clock, name)
 
 
-def cap_module_sleeps(module: ModuleType, cap_s: float) -> bool:
-    """Cap every `time.sleep` made by `module` (a polling loop) at `cap_s` seconds."""
+def pace_supernode_sleeps(module: ModuleType, poll_s: float, reply_s: float) -> bool:
+    """Pace the sleeps of Flower's SuperNode loop (`flwr.supernode.start_client_internal`) as `_PacedSleep` says."""
     if not _checked_version() or getattr(module, "time", None) is not _time:
         return False
-    module.time = _CappedSleep(cap_s)  # type: ignore[attr-defined]
+    module.time = _PacedSleep(poll_s, reply_s)  # type: ignore[attr-defined]
     return True
 
 

@@ -21,6 +21,13 @@ RELEASE = "release"  # ConfigRecord in a deploy message: the ReleaseManifest JSO
 ACK = "ack"  # ConfigRecord in a deploy reply: what the plant's edge store did (DeployAck)
 DEPLOY = "deploy"  # the ClientApp's query action that installs a released model ("query.deploy")
 PRIVACY_PREFIX = "dp_"  # a train reply's privacy figures (privacy.budget): dp_epsilon, dp_noise_multiplier, ...
+# MetricRecord in a train reply whose message asked `evaluate-first`: the plant's evaluation, on its held-out split, of
+# the weights it received (the previous round's model) before it trained on them (fl_server.run.strategy).
+EVALUATION = "evaluation"
+EVALUATE_FIRST = "evaluate-first"  # the config key of RoundInstructions.evaluate_first
+# The ClientApp's query action that scores the anchor's rebuilt sub-federation models ("query.contribution",
+# fl_server.run.contribution_round), and the ConfigRecord of its request (ContributionRequest).
+CONTRIBUTION = "contribution"
 
 
 class DataQuery(FlowerSettings, extra="ignore"):
@@ -55,6 +62,9 @@ class RoundInstructions(TrainingPlan):
     source: ClassVar[str] = "round instructions"
 
     server_round: int = Field(ge=1)
+    # Evaluate the received weights on the held-out split before training (EVALUATION in the reply): the previous
+    # round's evaluation rides on this round's train message instead of an exchange of its own.
+    evaluate_first: bool = False
 
 
 class DeployAck(FlowerSettings, extra="forbid"):
@@ -67,3 +77,12 @@ class DeployAck(FlowerSettings, extra="forbid"):
     serving: int = Field(0, ge=0)  # the version the plant's store has current afterwards (0: none)
     detail: str = ""
     variant: Literal["global", "personalised", "local"] = "global"  # what the plant serves of it (fl_client.personalise)
+
+
+class ContributionRequest(FlowerSettings, extra="forbid"):
+    """With a stack of rebuilt models (ARRAYS, one row per model): which metric to return for each, on the held-out split."""
+
+    source: ClassVar[str] = "contribution request"
+
+    metric: str = Field(min_length=1)  # the gate's metric (fl_server.release.chain.gate_rule)
+    offset: int = Field(0, ge=0)  # the first row's index in the anchor's batch (a large batch spans several messages)

@@ -37,6 +37,9 @@ class Checkpoint:
     arrays: ArrayRecord
     metrics: dict[str, float]  # the round's metrics, exactly as logged (or to be logged) at step = round
     state: dict[str, Any] = field(default_factory=dict)  # strategy state: path -> value
+    # The previous round's metrics that arrived with this round (its evaluation, folded into this round's train
+    # message: fl_server.run.strategy), logged at step = round - 1 when this round is.
+    earlier: dict[str, float] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         payload: dict[str, np.ndarray] = {f"arrays/{k}": v.numpy() for k, v in self.arrays.items()}
@@ -48,7 +51,8 @@ class Checkpoint:
                 payload |= {f"state/{path}/list/{i:06d}": np.asarray(v) for i, v in enumerate(value)}
             else:
                 scalars[path] = value
-        meta = {"server_round": self.server_round, "metrics": self.metrics, "scalars": scalars, "array_keys": list(self.arrays.keys())}
+        meta = {"server_round": self.server_round, "metrics": self.metrics, "scalars": scalars, "array_keys": list(self.arrays.keys()),
+                "earlier": self.earlier}
         payload["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, allow_pickle=False, **payload)
@@ -69,7 +73,8 @@ class Checkpoint:
                 else:
                     state.setdefault(path, []).append((key, np.array(npz[name])))
             state = {p: [v for _, v in sorted(x)] if isinstance(x, list) else x for p, x in state.items()}
-        return cls(int(meta["server_round"]), arrays, {k: float(v) for k, v in meta["metrics"].items()}, state)
+        return cls(int(meta["server_round"]), arrays, {k: float(v) for k, v in meta["metrics"].items()}, state,
+                   {k: float(v) for k, v in meta.get("earlier", {}).items()})
 
 
 def _stateful(strategy: Strategy) -> list[tuple[str, object]]:

@@ -52,6 +52,10 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     min_plants: int = Field(2, ge=1)
     # Federated evaluation of the global model every k rounds (and always after the last round).
     evaluate_every: int = Field(1, ge=1)
+    # Every round's model but the last is evaluated by the plants when the next round's train message brings it, before
+    # they train on it: one exchange per round instead of two (the last model is evaluated in its own exchange). Used
+    # where every plant trains and evaluates (fraction-train = fraction-evaluate = 1); false: an exchange per evaluation.
+    evaluate_with_train: bool = True
     # 0 (both): the model's own (tasks.base.TrainingDefaults: 5 epochs at 0.5 for a head on frozen features, 1 at 0.05 otherwise)
     local_epochs: int = Field(0, ge=0, le=1000)
     batch_size: int = Field(32, ge=1, le=65_536)
@@ -162,6 +166,10 @@ class RunConfig(PrivacyPlan, extra="forbid"):
 
     def model_name(self) -> str:
         return self.registered_model or f"maxfl-{self.task}"
+
+    def folds_evaluation(self) -> bool:
+        """Rounds' evaluations ride on the next train message: only where the plants that train are the ones that evaluate."""
+        return self.evaluate_with_train and self.fraction_train == 1.0 and self.fraction_evaluate == 1.0
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

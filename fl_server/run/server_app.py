@@ -156,7 +156,7 @@ def train(grid: Grid, cfg: RunConfig, tracker: RunTracker) -> None:
             with_central_dp(build_strategy(cfg), cfg, len(profiles)), UpdateRules.from_config(cfg), cfg.min_plants,
             on_reject=lambda r, plant, why: reject(strategy, r, plant, why), agreed_examples=agreed_examples(profiles),
             on_cap=lambda r, plant, claimed, agreed: cap(strategy, r, plant, claimed, agreed), check_spend=spend_check(cfg, tracker))),
-        tracker, cfg.min_plants, cfg.num_server_rounds, cfg.evaluate_every, checkpoints,
+        tracker, cfg.min_plants, cfg.num_server_rounds, cfg.evaluate_every, checkpoints, fold_evaluation=cfg.folds_evaluation(),
     )
     arrays = strategy.resume(checkpoint) if checkpoint else pack(model)
     if done < cfg.num_server_rounds:

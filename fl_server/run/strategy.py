@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
@@ -19,7 +20,7 @@ from fl_server.run.config import RunConfig
 from fl_server.run.identity import identify, refusal, split_declined
 from fl_server.run.tracking import RunTracker
 from maxfl.encoding import update_bytes
-from maxfl.messages import ARRAYS, METRICS, PRIVACY_PREFIX, WEIGHT_KEY
+from maxfl.messages import ARRAYS, EVALUATE_FIRST, EVALUATION, METRICS, PRIVACY_PREFIX, WEIGHT_KEY
 
 log = logging.getLogger("maxfl")
 
@@ -94,6 +95,18 @@ def failed_plant(msg: Message) -> tuple[str, str]:
     return plant_of(msg), split_declined(_unwrapped_reason(msg))[1]
 
 
+def evaluation_of(reply: Message) -> Message | None:
+    """A train reply's evaluation of the weights it was sent (EVALUATION), taken out of the reply and given as a reply
+    of its own (same node and metadata) for the strategy's evaluation aggregation; None if it has none."""
+    if reply.has_error() or EVALUATION not in reply.content.metric_records:
+        return None
+    record = reply.content.metric_records[EVALUATION]
+    del reply.content[EVALUATION]  # the strategy's train aggregation takes exactly one MetricRecord per reply
+    twin = copy.copy(reply)
+    twin.content = RecordDict({METRICS: record})
+    return twin
+
+
 def heard(replies: Iterable[Message]) -> list[Message]:
     """The replies taken from their nodes: not from a node that speaks for no plant (fl_server.run.identity)."""
     return [m for m in replies if refusal(m) is None]
@@ -124,9 +137,10 @@ class TrackedStrategy(Strategy):
     """
 
     def __init__(self, inner: Strategy, tracker: RunTracker, min_plants: int, num_rounds: int, evaluate_every: int = 1,
-                 checkpoints: CheckpointStore | None = None) -> None:
+                 checkpoints: CheckpointStore | None = None, fold_evaluation: bool = False) -> None:
         self.inner = inner
         self.evaluate_every = evaluate_every
+        self.fold_evaluation = fold_evaluation
         self.tracker = tracker
         self.min_plants = min_plants
         self.num_rounds = num_rounds
@@ -140,12 +154,15 @@ class TrackedStrategy(Strategy):
         self._slowest_train_s = 0.0
         self._first_started: float | None = None  # this ServerApp's first round: the ETA's clock
         self._eta = ""
+        self._folded = False  # this round's train message asks the plants to evaluate the previous round's model first
+        self._earlier: dict[str, float] = {}  # that evaluation's metrics: logged at step = this round - 1
 
     def resume(self, checkpoint: Checkpoint) -> ArrayRecord:
         """Continue after `checkpoint`: restore the strategy's state, make sure its round is logged, and return
         the arrays to start from. `Strategy.start` then runs the remaining `num_rounds - offset` rounds."""
         restore_strategy_state(self.inner, checkpoint.state)
         self.offset = checkpoint.server_round
+        self.tracker.ensure_logged(checkpoint.earlier, step=checkpoint.server_round - 1)
         self.tracker.ensure_logged(checkpoint.metrics, step=checkpoint.server_round)
         return checkpoint.arrays
 
@@ -170,23 +187,37 @@ class TrackedStrategy(Strategy):
         self._arrays = arrays
         self._pending = {"model_bytes": float(update_bytes(arrays))}  # what a plant's fp32 update would take
         self._rejected: set[str] = set()
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+        real = server_round + self.offset
+        self._folded, self._earlier = real > 1 and self.folds(real - 1), {}
+        if self._folded:
+            config = ConfigRecord({**config, EVALUATE_FIRST: True})
+        return self.inner.configure_train(real, arrays, config, grid)
 
     def evaluates(self, server_round: int) -> bool:
         """Federated evaluation every `evaluate_every` rounds, and always of the final model (real rounds)."""
         return server_round % self.evaluate_every == 0 or server_round == self.num_rounds
 
+    def folds(self, server_round: int) -> bool:
+        """Round `server_round`'s model is evaluated by the plants when the next train message brings it, before they train
+        on it: the exchange of its own is saved. The final model has no next message: it is evaluated on its own."""
+        return self.fold_evaluation and server_round < self.num_rounds and self.evaluates(server_round)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._phase_started = time.perf_counter()
         real = server_round + self.offset
-        if not self.evaluates(real):
+        if not self.evaluates(real) or self.folds(real):
             return []
         return self.inner.configure_evaluate(real, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         real = server_round + self.offset
         replies = list(replies)
+        evaluations = [evaluation_of(m) for m in replies] if self._folded else []
         self._slowest_train_s = self._record("train", real, replies)
+        if self._folded:  # the previous round's evaluation came with these replies
+            self._record("eval", real - 1, [m for m in evaluations if m is not None], into=self._earlier, timed=False)
+            ok = [m for m in heard([m for m in evaluations if m is not None]) if not m.has_error()]
+            self._log_aggregate(self.inner.aggregate_evaluate(real - 1, keep_common_metrics(ok)), into=self._earlier)
         refused = [f"{plant_of(m)}: {refusal(m)}" for m in replies if refusal(m) is not None]
         replies = heard(replies)
         ok = [m for m in replies if not m.has_error()]
@@ -204,7 +235,7 @@ class TrackedStrategy(Strategy):
         real = server_round + self.offset
         replies = list(replies)
         metrics = None
-        if self.evaluates(real):
+        if self.evaluates(real) and not self.folds(real):
             self._record("eval", real, replies)
             metrics = self.inner.aggregate_evaluate(real, keep_common_metrics([m for m in heard(replies) if not m.has_error()]))
             self._log_aggregate(metrics)
@@ -217,17 +248,23 @@ class TrackedStrategy(Strategy):
         wall = time.perf_counter() - self._round_started
         self._pending |= {"round_wall_s": wall, "round_overhead_s": wall - self._slowest_train_s}
         metrics = {k: float(v) for k, v in self._pending.items()}
+        earlier = {k: float(v) for k, v in self._earlier.items()}
         if self.checkpoints is not None:
-            self.checkpoints.save(Checkpoint(real, self._arrays, metrics, strategy_state(self.inner)))
+            self.checkpoints.save(Checkpoint(real, self._arrays, metrics, strategy_state(self.inner), earlier))
+        if earlier:
+            self.tracker.log_metrics(earlier, step=real - 1)
         self.tracker.log_metrics(metrics, step=real)
 
-    def _log_aggregate(self, metrics: MetricRecord | None) -> None:
+    def _log_aggregate(self, metrics: MetricRecord | None, into: dict[str, float] | None = None) -> None:
         # An average epsilon describes no plant: privacy metrics are logged per plant, and their maximum.
         if metrics is not None:
-            self._pending |= {k: float(v) for k, v in metrics.items() if k != WEIGHT_KEY and not k.startswith(PRIVACY_PREFIX)}
+            target = self._pending if into is None else into
+            target |= {k: float(v) for k, v in metrics.items() if k != WEIGHT_KEY and not k.startswith(PRIVACY_PREFIX)}
 
-    def _record(self, phase: str, server_round: int, replies: list[Message]) -> float:
-        """Notes per-plant metrics and the phase's wall time and overhead; returns the slowest plant's work time."""
+    def _record(self, phase: str, server_round: int, replies: list[Message], into: dict[str, float] | None = None,
+                timed: bool = True) -> float:
+        """Notes per-plant metrics (in this round's, or `into`) and, if `timed`, the phase's wall time and overhead (a folded
+        evaluation has no phase of its own); returns the slowest plant's work time."""
         wall = time.perf_counter() - self._phase_started
         per_plant: dict[str, float] = {}
         status = []
@@ -254,9 +291,10 @@ class TrackedStrategy(Strategy):
         epsilons = [v for k, v in per_plant.items() if k.endswith(f"/{PRIVACY_PREFIX}epsilon")]
         if epsilons:
             per_plant[f"{PRIVACY_PREFIX}epsilon_max"] = max(epsilons)
-        per_plant[f"round_{phase}_wall_s"] = wall
-        per_plant[f"round_{phase}_overhead_s"] = wall - slowest
-        self._pending |= per_plant
-        eta = self._eta if phase == "train" else ""
-        log.info("round %d/%d %s (%.1fs%s): %s", server_round, self.num_rounds, phase, wall, eta, " | ".join(status) or "no replies")
+        if timed:
+            per_plant[f"round_{phase}_wall_s"] = wall
+            per_plant[f"round_{phase}_overhead_s"] = wall - slowest
+        (self._pending if into is None else into).update(per_plant)
+        when = f"{wall:.1f}s{self._eta if phase == 'train' else ''}" if timed else f"with round {server_round + 1}'s train message"
+        log.info("round %d/%d %s (%s): %s", server_round, self.num_rounds, phase, when, " | ".join(status) or "no replies")
         return slowest

@@ -71,15 +71,3 @@ def test_central_dp_with_plant_side_clipping_composes_with_dp_sgd(tmp_path):
     assert len(central) == ROUNDS and central == sorted(central) and central[0] > 0
     assert run.data.params["central-dp"] == "plant-clipping"
     assert {f"plant-{k}/dp_epsilon" for k in (1, 2)} <= set(run.data.metrics)  # DP-SGD at the plants as well
-
-
-@pytest.mark.parametrize("model", ["effnet-lite0-mlp", "scatnet", "cnn"])  # effnet-lite0, the default: test_local_federation.py
-def test_two_round_simulation_per_image_model(tmp_path, model):
-    result = _federation(tmp_path, "defect", **{"model": model, "release": False}).run()
-    assert result.status == "finished:completed"
-    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow' / 'mlflow.db'}")
-    run = client.get_run(result.mlflow_run_id)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_macro_f1")] == list(range(1, ROUNDS + 1))
-    spec = json.loads(next((tmp_path / "work" / "mlflow" / "artifacts").rglob("task-spec.json")).read_text())
-    assert spec["model"] == model
-    assert {f"plant-{k}/dp_epsilon" for k in (1, 2)} <= set(run.data.metrics)  # trained under DP-SGD at both plants

@@ -2,17 +2,48 @@ import time
 import types
 
 import flwr
+import pytest
 
 from maxfl import flower_tuning
 
 
-def test_capped_sleep_shortens_only_the_patched_module():
+class _Clock:
+    """A `time` module whose clock moves only when something sleeps."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 1000.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 3))
+        self.now += seconds
+
+
+def test_a_plant_in_a_run_polls_at_the_lan_pace_and_backs_off_to_flowers_once_quiet():
+    clock = _Clock()
+    paced = flower_tuning._PacedSleep(poll_s=0.2, reply_s=0.05, clock=clock)
+    paced.sleep(0.5)  # waiting for its ClientApp's reply: a run is going on
+    assert clock.slept == [0.05]
+    for _ in range(10):  # the others are still training: it asks for its next message every 0.2 s
+        paced.sleep(3)
+    assert clock.slept[1:] == [0.2] * 10
+    clock.now += 40  # quiet for a while: a twentieth of the quiet time
+    paced.sleep(3)
+    assert clock.slept[-1] == pytest.approx((0.05 + 10 * 0.2 + 40) / 20, abs=1e-3)  # quiet since its reply came
+    clock.now += 600  # an idle federation: Flower's own 3 s
+    paced.sleep(3)
+    assert clock.slept[-1] == 3.0
+    paced.sleep(0.5)  # a message came: back at the LAN pace
+    paced.sleep(3)
+    assert clock.slept[-2:] == [0.05, 0.2]
+
+
+def test_pacing_replaces_time_in_the_patched_module_only():
     module = types.ModuleType("poller")
     module.time = time
-    assert flower_tuning.cap_module_sleeps(module, 0.01)
-    started = time.perf_counter()
-    module.time.sleep(3)
-    assert time.perf_counter() - started < 1.0
+    assert flower_tuning.pace_supernode_sleeps(module, 0.2, 0.05)
     assert module.time.monotonic() > 0  # everything else is the real time module
     assert time.sleep is not module.time.sleep
 
@@ -37,7 +68,7 @@ def test_other_flower_versions_are_left_alone(monkeypatch):
     monkeypatch.setattr(flwr, "__version__", "9.0.0")
     module = types.ModuleType("poller")
     module.time = time
-    assert not flower_tuning.cap_module_sleeps(module, 0.01)
+    assert not flower_tuning.pace_supernode_sleeps(module, 0.2, 0.05)
     assert module.time is time
     assert not flower_tuning.tune_object_pulls(0.05, 0.5)
     assert not flower_tuning.tune_node_heartbeat(10)

@@ -124,3 +124,66 @@ def test_each_round_after_the_first_says_about_how_long_the_rest_will_take(track
     first, second = [r.getMessage() for r in caplog.records if " train (" in r.getMessage()]
     assert "left" not in first
     assert second.startswith("round 2/3 train (0.0s; about 120 s left)")  # rounds 2 and 3 at 60 s each
+
+
+def _with_evaluation(msg, loss: float, examples: int):
+    from flwr.app import MetricRecord
+
+    msg.content["evaluation"] = MetricRecord({"num-examples": examples, "eval_loss": loss, "eval_time_s": 0.1})
+    return msg
+
+
+class _Grid:
+    def get_node_ids(self):
+        return [11, 12]
+
+
+def test_a_rounds_evaluation_rides_on_the_next_train_message_and_is_logged_at_its_own_round(tracker, reply, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="maxfl")
+    strategy = TrackedStrategy(build_strategy(RunConfig()), tracker, min_plants=2, num_rounds=3, fold_evaluation=True)
+    strategy._phase_started = strategy._round_started = 0.0
+    round_1 = list(strategy.configure_train(1, ArrayRecord([np.zeros(3, dtype=np.float32)]), ConfigRecord({"a": 1}), _Grid()))
+    assert all("evaluate-first" not in m.content["config"] for m in round_1)  # nothing to evaluate yet: the initial weights
+    strategy.aggregate_train(1, [reply(11, "plant-1", 1.0, 10, 0.5), reply(12, "plant-2", 4.0, 30, 0.9)])
+    assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), _Grid())) == []  # no exchange of its own
+    strategy.aggregate_evaluate(1, [])
+    round_2 = list(strategy.configure_train(2, ArrayRecord([np.zeros(3, dtype=np.float32)]), ConfigRecord({"a": 1}), _Grid()))
+    assert all(m.content["config"]["evaluate-first"] is True for m in round_2)
+    a = _with_evaluation(reply(11, "plant-1", 1.0, 10, 0.5), loss=0.2, examples=5)
+    b = _with_evaluation(reply(12, "plant-2", 4.0, 30, 0.9), loss=0.6, examples=15)
+    arrays, _ = strategy.aggregate_train(2, [a, b])
+    assert np.allclose(arrays.to_numpy_ndarrays()[0], 3.25)  # the train aggregation saw one MetricRecord per reply
+    assert ("eval_loss", 1) not in tracker.metrics  # logged with round 2, when round 2 is complete
+    strategy.aggregate_evaluate(2, [])
+    assert tracker.metrics[("eval_loss", 1)] == pytest.approx((0.2 * 5 + 0.6 * 15) / 20)  # at the round it evaluates
+    assert tracker.metrics[("plant-2/eval_loss", 1)] == 0.6 and ("round_eval_wall_s", 1) not in tracker.metrics
+    assert ("eval_loss", 2) not in tracker.metrics
+    # the final model has no next train message: it is evaluated in an exchange of its own
+    assert strategy.folds(2) and not strategy.folds(3)
+    assert any("round 1/3 eval (with round 2's train message)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_folded_evaluation_is_in_the_checkpoint_and_logged_again_on_resume(tracker, reply, tmp_path):
+    from fl_server.run.checkpoint import Checkpoint
+
+    saved = []
+    store = type("Store", (), {"save": lambda self, c: saved.append(Checkpoint.from_bytes(c.to_bytes()))})()
+    strategy = TrackedStrategy(build_strategy(RunConfig()), tracker, min_plants=2, num_rounds=3, checkpoints=store, fold_evaluation=True)
+    strategy._phase_started = strategy._round_started = 0.0
+    strategy.configure_train(2, ArrayRecord([np.zeros(3, dtype=np.float32)]), ConfigRecord(), _Grid())
+    strategy.aggregate_train(2, [_with_evaluation(reply(11, "plant-1", 1.0, 10, 0.5), 0.2, 5),
+                                 _with_evaluation(reply(12, "plant-2", 4.0, 30, 0.9), 0.6, 15)])
+    strategy.aggregate_evaluate(2, [])
+    assert saved[-1].server_round == 2 and saved[-1].earlier["eval_loss"] == pytest.approx(0.5)
+    tracker.metrics.clear()  # the ServerApp died after the checkpoint, before MLflow had the round
+    resumed = TrackedStrategy(build_strategy(RunConfig()), tracker, min_plants=2, num_rounds=3, fold_evaluation=True)
+    resumed.resume(saved[-1])
+    assert tracker.metrics[("eval_loss", 1)] == pytest.approx(0.5) and ("train_loss", 2) in tracker.metrics
+
+
+def test_without_folding_every_evaluation_has_its_exchange(tracker):
+    strategy = TrackedStrategy(FedAvg(), tracker, min_plants=1, num_rounds=3, fold_evaluation=False)
+    assert not any(strategy.folds(r) for r in (1, 2, 3))
+    assert RunConfig(fraction_evaluate=0.5).folds_evaluation() is False and RunConfig().folds_evaluation() is True
