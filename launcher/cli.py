@@ -276,6 +276,29 @@ def audit(
     console.print(f"{path}: chain verified, {len(events)} event(s) shown")
 
 
+@app.command()
+def contributions(
+    run_id: Annotated[str, typer.Argument(help="The training run's MLflow run id (`maxfl federate` prints it).")],
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="The anchor's MLflow server (default: $MLFLOW_TRACKING_URI).")] = "",
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Anchor side: what each plant's data bought in a training run (Shapley values, leave-one-out, share of the credit)."""
+    from fl_server.run.contribution_view import footer, load_report, table, why_missing
+    from fl_server.run.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    report = load_report(uri, run_id)
+    if report is None:
+        raise ConfigError(f"run {run_id} has no contribution report: {why_missing(uri, run_id)}")
+    if json_:
+        console.print_json(report.model_dump_json())
+        return
+    console.print(table(report))
+    for line in footer(report):
+        console.print(line)
+
+
 def _add_role_commands() -> None:
     """`maxfl model|federation ...` (anchor) and `maxfl edge|plant ...` (plant): each role's commands live with its package."""
     from edge.cli import app as edge_app

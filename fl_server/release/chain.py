@@ -15,6 +15,7 @@ from torch import nn
 import maxfl
 from fl_server.run.config import RunConfig
 from fl_server.release.gate import GateReport, GateRule, decide
+from fl_server.run.contribution import ContributionReport
 from fl_server.run.identity import refusal
 from fl_server.release.push import push
 from fl_server.release.registry import CANDIDATE, CHAMPION, GATE_SUMMARY_TAG, GATE_TAG, SCHEMA_TAG, SHA_TAG, Registry
@@ -102,9 +103,9 @@ def lineage_tags(cfg: RunConfig, tracker: RunTracker, flwr_run_id: int, plants: 
 
 def release_model(
     grid: Grid, cfg: RunConfig, task: Task, spec: TaskSpec, model: nn.Module, arrays: ArrayRecord, plan: Mapping[str, Any],
-    tracker: RunTracker, model_uri: str,
+    tracker: RunTracker, model_uri: str, contributions: ContributionReport | None = None,
 ) -> GateReport:
-    """Gate, register and (if it passed) push the run's final model."""
+    """Gate, register and (if it passed) push the run's final model. `contributions` goes into the gate's report."""
     plants = sorted(tracker.plants)
     onnx = onnx_model.export(task.deployable(spec, model), task.input_example(spec))
     sha256 = sha256_hex(onnx)
@@ -128,6 +129,8 @@ def release_model(
     cand, champ, problems = evaluate_at_plants(grid, cfg, plants, _evaluate_content(arrays, plan, onnx), champion_content)
     report = decide(gate_rule(cfg, spec), plants, cand, champ, None if champion is None else champion.version, problems,
                     caps=tracker.agreed_examples)
+    if contributions is not None:
+        report = report.model_copy(update={"contributions": contributions})
     tracker.log_gate(report, cand, champ)
     version = registry.register(model_uri, tracker.run_id, lineage_tags(cfg, tracker, grid.run.run_id, plants, sha256, report))
     manifest = ReleaseManifest(

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fl_server.run.contribution import ContributionReport
 from maxfl.messages import WEIGHT_KEY
 
 # Metrics where smaller is better; every other metric is taken as larger-is-better.
@@ -75,6 +76,7 @@ class GateReport(BaseModel):
     aggregate_gain: float | None  # candidate vs champion on the plants that scored both
     champion_version: int | None
     plants: list[PlantRow]
+    contributions: ContributionReport | None = None  # what each plant's data bought (fl_server.run.contribution); None: not computed
 
     def markdown(self) -> str:
         r = self.rule
@@ -104,6 +106,8 @@ class GateReport(BaseModel):
                      f"{_fmt(self.aggregate_gain, signed=True)} | | |")
         if self.reasons:
             lines += ["", "## Why it failed", "", *(f"- {reason}" for reason in self.reasons)]
+        if self.contributions is not None:
+            lines += ["", self.contributions.markdown().rstrip("\n")]
         return "\n".join(lines) + "\n"
 
 

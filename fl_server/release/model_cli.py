@@ -65,14 +65,23 @@ def demote(model: ModelName = "maxfl-defect", tracking_uri: TrackingUri = "") ->
 
 
 @app.command()
-def status(model: ModelName = "maxfl-defect", tracking_uri: TrackingUri = "", json_: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Per plant: the version pushed, whether it is installed, pending or refused, and what its edge store serves."""
+def status(model: ModelName = "maxfl-defect", tracking_uri: TrackingUri = "", json_: Annotated[bool, typer.Option("--json")] = False,
+           version: Annotated[int, typer.Option(help="Whose contribution per plant to show (0: the champion's).")] = 0) -> None:
+    """Per plant: the version pushed, whether it is installed, pending or refused, and what its edge store serves; and
+    what each plant's data bought in the run that trained the version."""
+    from fl_server.run.contribution_view import footer, load_report, table as contribution_table
+
     registry = _registry(tracking_uri, model)
     champion, candidate, edge = registry.champion(), registry.alias(CANDIDATE), registry.edge()
+    shown = registry.version(version) if version else champion
+    report = load_report(registry.tracking_uri, shown.run_id) if shown is not None and shown.run_id else None
     if json_:
         console.print_json(json.dumps({"model": model, "champion": champion.version if champion else None,
                                        "candidate": candidate.version if candidate else None,
-                                       "plants": [r.model_dump(mode="json") for r in edge.values()]}))
+                                       "plants": [r.model_dump(mode="json") for r in edge.values()],
+                                       "contributions": None if shown is None else {
+                                           "version": shown.version, "run_id": shown.run_id,
+                                           "report": report.model_dump(mode="json") if report is not None else None}}))
         return
     console.print(f"{model}: {CHAMPION} {'v' + str(champion.version) if champion else 'none'}, "
                   f"{CANDIDATE} {'v' + str(candidate.version) if candidate else 'none'}")
@@ -82,6 +91,13 @@ def status(model: ModelName = "maxfl-defect", tracking_uri: TrackingUri = "", js
         table.add_row(r.plant, f"v{r.version}", r.status, "-" if r.serving is None else f"v{r.serving}" + (" (not the champion)" if behind else ""),
                       r.at.strftime("%Y-%m-%d %H:%M:%S"), r.detail)
     console.print(table if edge else "no push recorded yet")
+    if shown is not None:
+        if report is None:
+            console.print(f"v{shown.version}: no contribution report in its run {shown.run_id}")
+        else:
+            console.print(contribution_table(report, title=f"v{shown.version}: contribution per plant to {report.metric} ({report.method})"))
+            for line in footer(report):
+                console.print(line)
 
 
 def push_overrides(version: int, plants: list[str], wait_s: float, tracking_uri: str, model: str) -> dict[str, object]:

@@ -93,6 +93,17 @@ class RunConfig(PrivacyPlan, extra="forbid"):
     # R^2 0) by this much in the gate metric, and answer more than one class: no release of a trivial model.
     gate_trivial_margin: float = Field(0.02, ge=-1.0)  # negative: off (pipeline tests on tiny data only)
     gate_onnx_tolerance: float = Field(1e-4, gt=0.0)
+    # Contribution per plant after training (fl_server.run.contribution): Shapley values (exact for rounds of at most
+    # contribution-exact-max-plants plants, else GTG-Shapley's truncated permutation sampling) and leave-one-out, of
+    # sub-federation models rebuilt from the round's updates and scored by the plants on their held-out splits.
+    # auto: both; shapley; loo; off.
+    contribution: Literal["auto", "shapley", "loo", "off"] = "auto"
+    # At most this many rebuilt models are evaluated; rounds beyond it are left unvalued (and named in the report).
+    contribution_max_models: int = Field(2000, ge=1, le=1_000_000)
+    contribution_exact_max_plants: int = Field(6, ge=1, le=12)  # rounds with at most this many plants: exact, all 2^n subsets
+    # Truncation, in units of the gate metric: a round that moved the model less is worth 0; a permutation stops once its
+    # prefix scores within this of the whole round's model.
+    contribution_truncation: float = Field(0.001, ge=0.0, le=1.0)
     # Push runs: which version (0: the champion), which plants (comma-separated ids; empty: all), and how long
     # to wait for plants that are offline before leaving them pending.
     push_version: int = Field(0, ge=0)

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_server.run.central_dp import with_central_dp
 from fl_server.run.config import RunConfig
+from fl_server.run.contribution_round import assess_contributions, record_rounds, round_store
 from fl_server.run.data_agreement import agree_on_data, agreed_examples
 from fl_server.run.encoding import DecodedUpdates
 from fl_server.run.checkpoint import CheckpointStore
@@ -22,7 +23,7 @@ from fl_server.federation.provision import PLANTS_FILE, ProvisionError, load_fed
 from fl_server.release.push import deliver_pending, push
 from fl_server.federation.reconcile import Reconciliation, reconcile
 from fl_server.release.registry import Registry, RegistryError
-from fl_server.release.chain import release_model
+from fl_server.release.chain import gate_rule, release_model
 from fl_server.run.tracking import RunTracker, tracked_run
 from fl_server.run.privacy_watch import SpendWatch
 from fl_server.run.validation import SpendHook, UpdateRules, ValidatedStrategy, log_capped, log_rejection
@@ -151,9 +152,10 @@ def train(grid: Grid, cfg: RunConfig, tracker: RunTracker) -> None:
         run_series=tracker.run_series,
         **cfg.privacy_fields(),
     ).to_flower()
+    rounds = round_store(cfg)  # every round's aggregated updates, for the contribution step (None: contribution off)
     strategy = TrackedStrategy(
         DecodedUpdates(ValidatedStrategy(
-            with_central_dp(build_strategy(cfg), cfg, len(profiles)), UpdateRules.from_config(cfg), cfg.min_plants,
+            record_rounds(with_central_dp(build_strategy(cfg), cfg, len(profiles)), rounds), UpdateRules.from_config(cfg), cfg.min_plants,
             on_reject=lambda r, plant, why: reject(strategy, r, plant, why), agreed_examples=agreed_examples(profiles),
             on_cap=lambda r, plant, claimed, agreed: cap(strategy, r, plant, claimed, agreed), check_spend=spend_check(cfg, tracker))),
         tracker, cfg.min_plants, cfg.num_server_rounds, cfg.evaluate_every, checkpoints, fold_evaluation=cfg.folds_evaluation(),
@@ -172,8 +174,9 @@ def train(grid: Grid, cfg: RunConfig, tracker: RunTracker) -> None:
     unpack_into(model, arrays)
     model_uri = tracker.log_model(task.deployable(spec, model), task.input_example(spec))
     log.info("MLflow run %s: model logged as %s", tracker.run_id, model_uri)
+    contributions = assess_contributions(grid, cfg, rounds, tracker, plan, gate_rule(cfg, spec).metric, resumed_after=done)
     if cfg.release:
-        release_model(grid, cfg, task, spec, model, arrays, plan, tracker, model_uri)
+        release_model(grid, cfg, task, spec, model, arrays, plan, tracker, model_uri, contributions=contributions)
 
 
 def reject(strategy: TrackedStrategy, server_round: int, plant: str, reason: str) -> None:
