@@ -70,6 +70,7 @@ def federate(
                                             "follows). Read, never written. Without it: demo data.")] = [],  # noqa: B006
     ray_address: Annotated[str | None, typer.Option(help="Simulation on this running Ray cluster (HOST:PORT of its GCS, "
                                                     "as `ray start --head` prints it) instead of a Ray of its own.")] = None,
+    page: Annotated[bool, typer.Option(help="Serve the federation page (plants, runs, privacy, releases) on loopback while it runs.")] = True,
 ) -> None:
     """Start MLflow, a SuperLink and N plant SuperNodes on 127.0.0.1, train, and stop them all."""
     from launcher.federation import FederationSettings, LocalFederation, find_app_dir
@@ -87,7 +88,7 @@ def federate(
             examples_per_plant=examples_per_plant, mlflow_port=mlflow_port, superlink_port=superlink_port,
             keep_mlflow=keep_mlflow, warm=warm, tracking_uri=tracking_uri, max_epsilon=max_epsilon, insecure=insecure,
             mlflow_backend=mlflow_backend, backend_store_uri=backend_store_uri,  # type: ignore[arg-type]
-            data=_parse_data(data), ray_address=ray_address,
+            data=_parse_data(data), ray_address=ray_address, page=page,
         )
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, "options")) from None

@@ -55,6 +55,7 @@ from maxfl.audit import AuditLog
 from maxfl.cache import folder_digest
 from maxfl.errors import ConfigError, DataError, ProcessError, UserError
 from maxfl.fab import fab_hash, stage_app
+from maxfl.page_auth import load_or_create_token
 from tasks import get_task
 from tasks.base import TaskOptions, resolve_model
 from tasks.features import get_backbone
@@ -107,6 +108,9 @@ class FederationSettings(BaseModel):
     data: dict[str, Path] = Field(default_factory=dict)
     # Simulation on a Ray cluster that is already running (its GCS, HOST:PORT); none: Flower starts its own.
     ray_address: str | None = None
+    # The federation page (`maxfl federation page`) beside MLflow: `maxfl federate` starts it; benchmarks and tests that
+    # read nothing of it leave the process (an MLflow client of its own, ~240 MiB) out.
+    page: bool = False
 
     @model_validator(mode="after")
     def _ceilings_need_real_plants(self) -> FederationSettings:
@@ -202,6 +206,7 @@ class LocalFederation:
         self.last_server_error = ""
         self.plants: list[PlantConfig] = []
         self.edge_urls: dict[str, str] = {}
+        self.page_url = ""  # the federation page, with its token (`start_page`)
         self.tracking_uri = ""
         self.base_overrides: dict[str, Any] = {}
         self.audit_log = self.work / "anchor" / "audit.jsonl"
@@ -609,6 +614,19 @@ class LocalFederation:
         except (ValueError, KeyError, IndexError):
             return "unknown"
 
+    def start_page(self) -> str:
+        """The federation page (`maxfl federation page`) on loopback, reading this launch's MLflow, federation folder,
+        audit log and spend record; returns its URL with the token (kept under <workdir>/anchor)."""
+        port = self.reserve_port()
+        token_file = self.work / "anchor" / "page-token"
+        token = load_or_create_token(token_file)
+        argv = [str(self.bin / "maxfl"), "federation", "page", "--tracking-uri", self.tracking_uri, "--audit-log", str(self.audit_log),
+                "--privacy-watch", str(self.base_overrides["privacy-watch"]), "--token-file", str(token_file), "--host", "127.0.0.1", "--port", str(port)]
+        proc = self.procs.start("page", argv + (["--dir", str(self.federation.dir)] if self.secure and self.federation else []), self.env)
+        self.procs.wait_until("the federation page", lambda: _http_ok(f"http://127.0.0.1:{port}/healthz"), STARTUP_TIMEOUT_S, proc)
+        self.page_url = f"http://127.0.0.1:{port}/?token={token}"
+        return self.page_url
+
     def start_edge_servers(self, plants: list[PlantConfig], model_name: str) -> None:
         """Each plant's edge model server, serving whatever its edge store holds (nothing yet on a first run)."""
         for plant in plants:
@@ -678,6 +696,8 @@ class LocalFederation:
             if not self.s.tracking_uri:
                 self.await_mlflow(self.tracking_uri)
                 self.echo(f"MLflow tracking server: {self.tracking_uri}")
+            if self.s.page:
+                self.echo(f"federation page: {self.start_page()}")
             if self.s.mode == "deployment":
                 if cfg.release:
                     self.start_edge_servers(self.plants, cfg.model_name())

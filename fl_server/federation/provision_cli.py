@@ -428,3 +428,26 @@ def disallow_serverapp(app_: App, folder: Dir) -> None:
     if not removed:
         raise ConfigError(f"ServerApp sha256 {fab_hash} is not in {fed.allowed_serverapps}; nothing to take off")
     console.print(f"ServerApp sha256 {fab_hash} no longer allowed")
+
+
+@app.command()
+def page(
+    folder: Annotated[Path | None, typer.Option("--dir", "--federation-dir", help="The federation folder: registered plants, and the "
+                                                "SuperLink's node list through its Control API.")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="A `maxfl federate` workdir: its federation folder, audit log and spend record.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="The MLflow tracking server (default $MLFLOW_TRACKING_URI).")] = None,
+    mlflow_ui: Annotated[str, typer.Option(help="MLflow's UI as a browser reaches it, for the page's links (default: the tracking URI).")] = "",
+    audit_log: Annotated[Path | None, typer.Option(help="The runs' audit log: deployments (default $MAXFL_HOME/anchor/audit.jsonl).")] = None,
+    privacy_watch: Annotated[Path | None, typer.Option(help="The anchor's spend record (default $MAXFL_HOME/anchor/privacy-watch.json).")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="The page's token, made if missing (default DIR/private/page-token, else "
+                                                   "the anchor's state folder).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback: only this host's users reach the page).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8050,
+    refresh: Annotated[float, typer.Option(min=0.5, max=600.0, help="Seconds between updates of the page's live parts.")] = 2.0,
+) -> None:
+    """Serve the federation page until Ctrl-C: plants, runs, privacy budgets, model versions, what each plant's edge
+    serves, and Prometheus metrics at /metrics. Prints its URL with the token once."""
+    from fl_server.federation.page.app import default_token_file, resolve_sources, serve
+
+    sources = resolve_sources(folder, workdir, tracking_uri, mlflow_ui, audit_log, privacy_watch)
+    serve(sources, token_file or default_token_file(sources, workdir), host, port, refresh, echo=lambda line: console.print(line, markup=False))

@@ -571,6 +571,73 @@ def test_only_the_admin_service_sees_the_federation_folders_private_keys() -> No
             assert "ca.key" not in m.get("source", ""), f"{name} mounts the CA key"
 
 
+# ================================================================ the federation page and Prometheus
+def test_the_federation_page_reads_what_the_serverapp_writes_behind_its_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fl_server.run.config import RunConfig
+
+    svc, app = services("anchor")["page"], services("anchor")["serverapp"]
+    args = argv(svc)
+    assert args[:3] == ["maxfl", "federation", "page"]
+    params = parse_maxfl(args[1:])
+    # MLflow where the ServerApp logs; the runs' audit log and spend record where the ServerApp's run config puts them
+    assert params["tracking_uri"] == app["environment"]["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MAXFL_HOME", app["environment"]["MAXFL_HOME"])
+    assert Path(params["audit_log"]) == RunConfig().audit_log_path() and str(params["audit_log"]) == app["environment"]["MAXFL_ANCHOR_AUDIT_LOG"]
+    assert Path(params["privacy_watch"]) == RunConfig().privacy_watch_path()
+    for path in (params["audit_log"], params["privacy_watch"]):
+        m, written = mount_at(svc, str(path)), mount_at(app, str(path))
+        assert m and written and m["source"] == written["source"] == "anchor-state" and m["read_only"], f"{path}: not the ServerApp's, or writable"
+    # the federation folder (plants.json, the Control API's config) read-only, every private key hidden
+    fed = mount_at(svc, f"{params['folder']}/plants.json")
+    assert fed and fed["type"] == "bind" and fed["read_only"] and fed["source"] == "./federation"
+    assert (mount_at(svc, f"{params['folder']}/private/ca.key") or {}).get("type") == "tmpfs"
+    # the SuperLink's node list through the Control API (the `link` network), MLflow on the default one
+    assert set(svc["networks"]) == {"link", "default"}
+    # every path but /healthz needs the token, a secret from .env that Prometheus reads too
+    (secret,) = [s for s in svc["secrets"] if s["target"] == str(params["token_file"])]
+    assert raw("anchor")["secrets"][secret["source"]] == {"environment": "PAGE_TOKEN"}
+    env = env_example("anchor")
+    assert env["PAGE_TOKEN"].startswith("replace-"), "the example token must read as a placeholder (the page refuses it)"
+    assert params["host"] == "0.0.0.0"
+    assert published(svc) == {params["port"]: f"{env['PAGE_BIND']}:{env['PAGE_PORT']}"} and env["PAGE_BIND"] == "127.0.0.1"
+    probe = parse_healthcheck(healthcheck_argv(svc))
+    url = urlsplit(probe.url)
+    assert (url.scheme, url.hostname, url.port, url.path) == ("http", "127.0.0.1", params["port"], "/healthz"), "the one path without the token"
+
+
+def test_prometheus_scrapes_the_page_with_its_token_and_the_plants_edge_servers() -> None:
+    prom, page = services("anchor")["prometheus"], services("anchor")["page"]
+    assert prom["profiles"] == ["monitoring"], "an example: started on demand"
+    args = argv(prom)
+    config_file = next(a.split("=", 1)[1] for a in args if a.startswith("--config.file="))
+    config_mount = mount_at(prom, config_file)
+    assert config_mount and config_mount["read_only"] and config_mount["target"] == config_file
+    config = yaml.safe_load((STACKS["anchor"] / config_mount["source"]).read_text(encoding="utf-8"))
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    page_params = parse_maxfl(argv(page)[1:])
+    scrape = jobs["federation-page"]
+    assert scrape["metrics_path"] == "/metrics"
+    assert scrape["static_configs"] == [{"targets": [f"page:{page_params['port']}"]}], "the page service's own port"
+    assert scrape["authorization"]["type"] == "Bearer"
+    (secret,) = [s for s in prom["secrets"] if s["target"] == scrape["authorization"]["credentials_file"]]
+    (page_secret,) = [s for s in page["secrets"] if s["target"] == str(page_params["token_file"])]
+    assert secret["source"] == page_secret["source"], "Prometheus sends the token the page checks"
+    assert float(config["global"]["scrape_timeout"].rstrip("s")) > 4.0, "longer than the page's bound on a request (4 s)"
+    assert set(prom["networks"]) & set(page["networks"]), "Prometheus reaches the page service"
+    # the plants' edge servers: GET /metrics without a token, on the port a plant's stack publishes its edge server on
+    edge = jobs["edge"]
+    assert edge["metrics_path"] == "/metrics" and "authorization" not in edge
+    plant_edge = services("plant")["edge"]
+    (edge_port,) = {int(host.rsplit(":", 1)[1]) for host in published(plant_edge).values()}
+    for sd in edge["file_sd_configs"]:
+        for path in sd["files"]:
+            m = mount_at(prom, path)
+            assert m and m["read_only"], f"{path} is not mounted in the prometheus service"
+            entries = json.loads((STACKS["anchor"] / m["source"]).read_text(encoding="utf-8"))
+            assert entries and all(e["labels"]["plant"] and all(port_of(t) == edge_port for t in e["targets"]) for e in entries)
+    assert published(prom) == {9090: f"{env_example('anchor')['PROMETHEUS_BIND']}:{env_example('anchor')['PROMETHEUS_PORT']}"}
+
+
 # ================================================================ the plant
 def test_the_supernode_runs_maxfl_plant_join_with_its_kit_and_key() -> None:
     svc = services("plant")["supernode"]
