@@ -3,19 +3,21 @@
 The `table` task (a 5,890-parameter MLP on a quality table) with small plants keeps each plant's own work tiny,
 so what grows with the plant count is the federation's own cost: 100 virtual plants x 10 rounds fit this 2-core box.
 Simulation (Flower's Ray engine) at 1, 5, 20 and 100 plants; deployment (a real SuperNode and warm executor per
-plant, TLS through the proxy) at 1, 5 and 20 plants, fewer rounds.
+plant, TLS through the proxy) at 1, 5, 10 and 20 plants, fewer rounds.
 
     .venv/bin/python experiments/scale_curve.py                      # the whole curve (about 25 minutes here)
     .venv/bin/python experiments/scale_curve.py --only sim:5,dep:1   # some points
 
 Per configuration:
-- round time: median over rounds of MLflow's `round_wall_s` (first train message out to last eval reply in);
+- round time: median over rounds of MLflow's `round_wall_s` (first train message out to the round's last reply in; a
+  round's train message also carries the previous round's evaluation) and of `round_overhead_s` (that, less the slowest
+  plant's training), with its slope per added plant in deployment;
 - memory: peak PSS per group of processes (sampled every second over the launcher's descendants): the anchor
   (MLflow, SuperLink, ServerApp, executor, proxy; in simulation flwr-simulation, which runs the ServerApp), the plants (deployment: SuperNode + warm executor + its forked
   ClientApps, per plant; simulation: the Ray workers in total, and / plants), Ray's own processes and Flower's
   simulation driver;
-- bytes on the wire per plant per round, derived (the model's ArrayRecord payload: down with the train and the
-  evaluate message, up with the train reply) and measured from /proc/PID/io (rchar + wchar: bytes through
+- bytes on the wire per plant per round, derived (the model's ArrayRecord payload: down with each train message and
+  the final evaluation's once a run, up with the train reply) and measured from /proc/PID/io (rchar + wchar: bytes through
   read/write calls, sockets included) between the ends of round 1 and of the last round: of the proxy in deployment
   (it relays the plants' TLS link, so half its I/O is that link, polls and heartbeats included). Simulation has no
   wire: flwr-simulation runs the ServerApp in a thread and hands messages to the virtual plants via Ray's object store.
@@ -43,9 +45,9 @@ from maxfl.atomic import atomic_write_text
 RESULTS = Path(__file__).parent / "results" / "scale-curve.json"
 PLOT = RESULTS.with_suffix(".png")
 EXAMPLES_PER_PLANT = 100  # rows per plant's demo table (80 train, 20 held out)
-CURVE = [("simulation", n, 10) for n in (1, 5, 20, 100)] + [("deployment", n, 3) for n in (1, 5, 20)]
+CURVE = [("simulation", n, 10) for n in (1, 5, 20, 100)] + [("deployment", n, 4) for n in (1, 5, 10, 20)]
 # A point's plants do their own part of a round in well under a second: one local epoch on 80 rows, DP-SGD on.
-RUN_CONFIG = {"task": "table", "local-epochs": 1, "release": False}
+RUN_CONFIG = {"task": "table", "local-epochs": 1, "release": False, "contribution": "off"}
 RAY_CORE = ("raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "log_monitor", "dashboard", "monitor.py")
 
 
@@ -193,6 +195,8 @@ def measure(mode: str, plants: int, rounds: int, workdir: Path) -> dict[str, Any
     row: dict[str, Any] = {
         "mode": mode, "plants": plants, "rounds": rounds,
         "round_wall_s_median": statistics.median(m.value for m in walls),
+        # the round's wall time less the slowest plant's training (experiments/round_overhead.py's measure)
+        "round_overhead_s_median": statistics.median(m.value for m in client.get_metric_history(result.mlflow_run_id, "round_overhead_s")),
         "round_wall_s": [m.value for m in walls],
         "total_s": total_s,
         "anchor_pss_mib": anchor,
@@ -230,6 +234,16 @@ def _growth(rows: list[dict[str, Any]], mode: str, key: str) -> str:
     return f"{shape}: x{grew:.1f} for x{plants:.0f} plants ({lo[key]:.1f} -> {hi[key]:.1f})"
 
 
+def _per_added_plant(rows: list[dict[str, Any]]) -> str:
+    """The deployment round overhead's least-squares slope over the plant counts measured."""
+    sel = [r for r in rows if r["mode"] == "deployment"]
+    if len(sel) < 2:
+        return "n/a"
+    xs, ys = [float(r["plants"]) for r in sel], [float(r["round_overhead_s_median"]) for r in sel]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return f"{sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs):+.3f}"
+
+
 def notes(rows: list[dict[str, Any]]) -> list[str]:
     """What grows with the plants and how (from the rows), and what limits the next step."""
     for r in rows:
@@ -238,7 +252,8 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
         r["bytes_per_plant_round"] = measured if measured is not None else sum(r["derived_bytes_per_plant_round"].values())
     return [
         f"round time: simulation {_growth(rows, 'simulation', 'round_wall_s_median')}; deployment "
-        f"{_growth(rows, 'deployment', 'round_wall_s_median')}.",
+        f"{_growth(rows, 'deployment', 'round_wall_s_median')}; the deployment round's overhead (wall less the slowest plant's "
+        f"training) {_growth(rows, 'deployment', 'round_overhead_s_median')}, {_per_added_plant(rows)} s per added plant.",
         f"anchor memory (MLflow, SuperLink, ServerApp; simulation: with flwr-simulation): simulation "
         f"{_growth(rows, 'simulation', 'anchor_pss_mib')}; deployment {_growth(rows, 'deployment', 'anchor_pss_mib')}.",
         f"all plants' memory: simulation {_growth(rows, 'simulation', 'plants_pss_mib_all')} MiB (Ray's workers are as many as "
@@ -255,13 +270,14 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
 
 def report(rows: list[dict[str, Any]], prov: dict[str, Any], measured_at: str) -> None:
     """Print the table and the notes; write the JSON and the plot."""
-    header = (f"{'mode':<11} {'plants':>6} {'rounds':>6} {'round s':>8} {'anchor MiB':>10} {'per plant MiB':>13}"
+    header = (f"{'mode':<11} {'plants':>6} {'rounds':>6} {'round s':>8} {'overhead s':>10} {'anchor MiB':>10} {'per plant MiB':>13}"
               f" {'KiB/plant/round derived':>23} {'measured':>9} {'total s':>8}")
     print(header)
     for r in rows:
         derived = sum(r["derived_bytes_per_plant_round"].values()) / 1024
         measured = "-" if r["measured_bytes_per_plant_round"] is None else f"{r['measured_bytes_per_plant_round'] / 1024:.1f}"
-        print(f"{r['mode']:<11} {r['plants']:>6} {r['rounds']:>6} {r['round_wall_s_median']:>8.1f} {r['anchor_pss_mib']:>10.0f}"
+        print(f"{r['mode']:<11} {r['plants']:>6} {r['rounds']:>6} {r['round_wall_s_median']:>8.1f} {r['round_overhead_s_median']:>10.2f}"
+              f" {r['anchor_pss_mib']:>10.0f}"
               f" {r['plant_pss_mib']:>13.0f} {derived:>23.1f} {measured:>9} {r['total_s']:>8.0f}")
     found = notes(rows)
     for note in found:

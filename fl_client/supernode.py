@@ -1,8 +1,8 @@
 """`maxfl-supernode`: Flower's `flower-supernode` with LAN-sized waits (see maxfl.flower_tuning).
 
 Same flags as `flower-supernode`. `MAXFL_SUPERNODE_POLL_S` (default 0.2) is the SuperNode's poll of the SuperLink
-while its plant is in a run (Flower 1.41: 3 s); a plant that has been quiet polls less often, up to Flower's 3 s after a
-minute. `MAXFL_SUPERNODE_REPLY_S` (default 0.05) is how often it looks for its ClientApp's reply (Flower: 0.5 s).
+while its plant is in a run (Flower 1.41: 3 s); a plant that has been quiet polls less often (a twentieth of the quiet
+time), up to `MAXFL_SUPERNODE_IDLE_POLL_S` (default Flower's 3 s) after a minute. `MAXFL_SUPERNODE_REPLY_S` (default 0.05) is how often it looks for its ClientApp's reply (Flower: 0.5 s).
 `MAXFL_SUPERNODE_HEARTBEAT_S` (default 10, Flower's minimum) is the heartbeat it announces: the SuperLink notices a
 dead plant after two missed beats.
 """
@@ -19,7 +19,8 @@ def main() -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     poll_s = float(os.environ.get("MAXFL_SUPERNODE_POLL_S", "0.2"))
-    pace_supernode_sleeps(start_client_internal, poll_s, float(os.environ.get("MAXFL_SUPERNODE_REPLY_S", "0.05")))
+    pace_supernode_sleeps(start_client_internal, poll_s, float(os.environ.get("MAXFL_SUPERNODE_REPLY_S", "0.05")),
+                          float(os.environ.get("MAXFL_SUPERNODE_IDLE_POLL_S", "3")))
     tune_object_pulls(initial_backoff_s=poll_s / 4, backoff_cap_s=poll_s / 2)
     tune_node_heartbeat(float(os.environ.get("MAXFL_SUPERNODE_HEARTBEAT_S", "10")))
     flower_supernode()

@@ -35,13 +35,13 @@ class _PacedSleep:
     waits for its ClientApp's reply and objects (0.5 s steps).
 
     A wait for the plant's own reply (local, cheap) takes `reply_s`. An idle poll takes `poll_s` while the plant is in a
-    run, and longer the longer it has been quiet (a twentieth of the quiet time), up to Flower's 3 s: a plant waiting
+    run, and longer the longer it has been quiet (a twentieth of the quiet time), up to `idle_s` (Flower's 3 s): a plant waiting
     seconds for the others notices its next message within a small fraction of that wait, and the plants of an idle
     federation stop asking the SuperLink five times a second each.
     """
 
-    def __init__(self, poll_s: float, reply_s: float, clock: ModuleType = _time) -> None:
-        self.poll_s, self.reply_s, self.clock = poll_s, reply_s, clock
+    def __init__(self, poll_s: float, reply_s: float, idle_s: float = FLOWER_IDLE_POLL_S, clock: ModuleType = _time) -> None:
+        self.poll_s, self.reply_s, self.idle_s, self.clock = poll_s, reply_s, idle_s, clock
         self.busy_at = clock.monotonic()
 
     def interval(self, seconds: float) -> float:
@@ -49,7 +49,7 @@ class _PacedSleep:
         if seconds < FLOWER_IDLE_POLL_S:  # waiting on its own ClientApp: a run is going on
             self.busy_at = now
             return min(seconds, self.reply_s)
-        return min(seconds, max(self.poll_s, (now - self.busy_at) / 20))
+        return min(self.idle_s, max(self.poll_s, (now - self.busy_at) / 20))
 
     def sleep(self, seconds: float) -> None:
         self.clock.sleep(self.interval(seconds))
@@ -58,11 +58,11 @@ class _PacedSleep:
         return getattr(self.clock, name)
 
 
-def pace_supernode_sleeps(module: ModuleType, poll_s: float, reply_s: float) -> bool:
+def pace_supernode_sleeps(module: ModuleType, poll_s: float, reply_s: float, idle_s: float = FLOWER_IDLE_POLL_S) -> bool:
     """Pace the sleeps of Flower's SuperNode loop (`flwr.supernode.start_client_internal`) as `_PacedSleep` says."""
     if not _checked_version() or getattr(module, "time", None) is not _time:
         return False
-    module.time = _PacedSleep(poll_s, reply_s)  # type: ignore[attr-defined]
+    module.time = _PacedSleep(poll_s, reply_s, max(poll_s, idle_s))  # type: ignore[attr-defined]
     return True
 
 

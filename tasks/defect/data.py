@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 from maxfl.atomic import atomic_path, atomic_write_text
@@ -24,24 +26,53 @@ TEST_FRACTION = 0.2
 DEFECT_THRESHOLD = 0.5  # experts' defect probability >= 0.5 counts as defective
 
 
-def load_elpv() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ELPV from its package (images uint8 Nx300x300, defect probability, cell type); nothing is downloaded."""
-    from elpv_dataset.utils import load_dataset
+@dataclass(frozen=True)
+class Elpv:
+    """ELPV from its package (nothing is downloaded): the labels, and the images decoded when asked for. A demo of 80
+    images per plant decodes 160 PNG files, not all 2,624 (seconds in every launch and test)."""
 
-    images, proba, types = load_dataset()
-    return images, proba.astype(np.float32), types.astype(str)
+    files: np.ndarray  # each image's PNG file
+    proba: np.ndarray  # the experts' defect probability
+    types: np.ndarray  # cell type: mono or poly
+
+    def images(self, indices: np.ndarray) -> np.ndarray:
+        """The images at `indices`, uint8 (len(indices), 300, 300)."""
+        def decode(path: str) -> np.ndarray:
+            with Image.open(path) as image:
+                return np.asarray(image)
+
+        return np.stack([decode(str(self.files[i])) for i in indices]) if len(indices) else np.zeros((0, 300, 300), np.uint8)
 
 
-def write_plant_shards(root: Path, n_plants: int, seed: int, limit: int | None = None) -> list[Path]:
-    images, proba, types = load_elpv()
-    dirs = []
+def load_elpv() -> Elpv:
+    """The package's label file, read as its own `elpv_dataset.utils.load_dataset` reads it."""
+    import elpv_dataset
+
+    labels = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
+    data = np.genfromtxt(labels, dtype=["|S19", "<f8", "|S4"], names=["path", "probability", "type"])
+    files = np.array([str(labels.parent / name) for name in np.char.decode(data["path"])])
+    return Elpv(files, data["probability"].astype(np.float32), np.char.decode(data["type"]).astype(str))
+
+
+def demo_plant_indices(types: np.ndarray, n_plants: int, seed: int, limit: int | None) -> list[np.ndarray]:
+    """Each demo plant's ELPV indices: the non-IID split (split_plants), at most `limit` drawn from each."""
+    out = []
     for k, idx in enumerate(split_plants(types, n_plants, seed), start=1):
         if limit is not None and len(idx) > limit:
             idx = np.sort(np.random.default_rng(seed + k).choice(idx, size=limit, replace=False))
+        out.append(idx)
+    return out
+
+
+def write_plant_shards(root: Path, n_plants: int, seed: int, limit: int | None = None) -> list[Path]:
+    elpv = load_elpv()
+    proba, types = elpv.proba, elpv.types
+    dirs = []
+    for k, idx in enumerate(demo_plant_indices(types, n_plants, seed, limit), start=1):
         plant_dir = root / f"plant-{k}"
         with atomic_path(plant_dir / SHARD_FILE) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, images=images[idx], defect_proba=proba[idx], cell_type=types[idx])
+                np.savez(fh, images=elpv.images(idx), defect_proba=proba[idx], cell_type=types[idx])
         summary = {
             "task": "defect",
             "source": "elpv-dataset (CC BY-NC-SA 4.0, Buerhop-Lutz et al. / Deitsch et al.)",

@@ -14,8 +14,7 @@ import numpy as np
 from PIL import Image
 
 from maxfl.atomic import atomic_write_text
-from tasks.defect.data import load_elpv
-from tasks.defect.split import split_plants
+from tasks.defect.data import demo_plant_indices, load_elpv
 from tasks.manifest import MANIFEST_FILE, Manifest, dump_manifest
 
 DEMO_SIZE = 96
@@ -27,13 +26,14 @@ def elpv_class(proba: float) -> str:
 
 
 def _write_folder(target: Path, images: np.ndarray, proba: np.ndarray, indices: np.ndarray) -> None:
-    """Build the folder under a hidden temporary name, then swap it in: readers never see half a folder."""
+    """Build the folder under a hidden temporary name, then swap it in: readers never see half a folder. `images` and
+    `proba` are the plant's, in the order of their ELPV `indices` (which name the files)."""
     build = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        for i in indices:
-            folder = build / elpv_class(float(proba[i]))
+        for image, p, i in zip(images, proba, indices, strict=True):
+            folder = build / elpv_class(float(p))
             folder.mkdir(exist_ok=True)
-            img = Image.fromarray(images[i]).resize((DEMO_SIZE, DEMO_SIZE), Image.Resampling.LANCZOS)
+            img = Image.fromarray(image).resize((DEMO_SIZE, DEMO_SIZE), Image.Resampling.LANCZOS)
             img.save(folder / f"elpv-{int(i):04d}.png")
         old = target.with_name(f".{target.name}.old") if target.exists() else None
         if old is not None:
@@ -47,15 +47,13 @@ def _write_folder(target: Path, images: np.ndarray, proba: np.ndarray, indices: 
 
 
 def write_image_plants(root: Path, n_plants: int, seed: int, limit: int | None = None) -> list[Path]:
-    images, proba, types = load_elpv()
+    elpv = load_elpv()
     manifest = Manifest(kind="images", path=IMAGE_FOLDER, image_mode="L", image_size=(DEMO_SIZE, DEMO_SIZE))
     dirs = []
-    for k, idx in enumerate(split_plants(types, n_plants, seed), start=1):
-        if limit is not None and len(idx) > limit:
-            idx = np.sort(np.random.default_rng(seed + k).choice(idx, size=limit, replace=False))
+    for k, idx in enumerate(demo_plant_indices(elpv.types, n_plants, seed, limit), start=1):
         plant_dir = root / f"plant-{k}"
         plant_dir.mkdir(parents=True, exist_ok=True)
-        _write_folder(plant_dir / IMAGE_FOLDER, images, proba, idx)
+        _write_folder(plant_dir / IMAGE_FOLDER, elpv.images(idx), elpv.proba[idx], idx)
         atomic_write_text(plant_dir / MANIFEST_FILE, dump_manifest(manifest))
         dirs.append(plant_dir)
     return dirs

@@ -23,7 +23,7 @@ class _Clock:
 
 def test_a_plant_in_a_run_polls_at_the_lan_pace_and_backs_off_to_flowers_once_quiet():
     clock = _Clock()
-    paced = flower_tuning._PacedSleep(poll_s=0.2, reply_s=0.05, clock=clock)
+    paced = flower_tuning._PacedSleep(poll_s=0.2, reply_s=0.05, idle_s=3.0, clock=clock)
     paced.sleep(0.5)  # waiting for its ClientApp's reply: a run is going on
     assert clock.slept == [0.05]
     for _ in range(10):  # the others are still training: it asks for its next message every 0.2 s
