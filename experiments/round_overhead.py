@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -64,6 +66,46 @@ class MemorySampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join()
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_kind(pid: int, plants: list[str]) -> str:
+    """A federation process by what it is: the program Flower or maxfl runs (plants' processes pooled)."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return "?"
+    if argv and Path(argv[0]).name.startswith("python") and len(argv) > 1:
+        argv = argv[1:]
+    program = Path(argv[0]).name if argv else "?"
+    if program == "-m" and len(argv) > 1:
+        program = argv[1]
+    if program == "maxfl" and len(argv) > 1:
+        program = f"maxfl {argv[1]}"
+    pooled = " (all plants)" if any(p in " ".join(argv) for p in plants) else ""
+    return program + pooled
+
+
+def cpu_seconds(plants: list[str]) -> dict[int, tuple[str, float]]:
+    """Every descendant's CPU time so far (user + system), with its kind."""
+    out = {}
+    for pid in descendants(os.getpid()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (process_kind(pid, plants), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return out
+
+
+def cpu_per_round(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], rounds: int) -> dict[str, float]:
+    """CPU seconds per round by kind of process between two snapshots; processes that ended in between are not counted."""
+    spent: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        spent[kind] = spent.get(kind, 0.0) + (cpu - before.get(pid, (kind, 0.0))[1]) / rounds
+    return dict(sorted(((k, round(v, 3)) for k, v in spent.items() if v >= 0.005), key=lambda kv: -kv[1]))
 
 
 def _pss_mib(pids: list[int]) -> float:
@@ -115,7 +157,17 @@ def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll
     sampler = MemorySampler()
     sampler.start()
     started = time.perf_counter()
-    with LocalFederation(settings, echo=lambda _line: None) as fed:
+    plant_ids = settings.plant_ids
+    marks: dict[str, dict[int, tuple[str, float]]] = {}
+
+    def watch(line: str) -> None:
+        """CPU snapshots when round 1 is complete and when the run's last reply is in: rounds 2..N, steady state."""
+        if "round 1/" in line and " train (" in line:
+            marks.setdefault("from", cpu_seconds(plant_ids))
+        if f"round {rounds}/{rounds} eval" in line:
+            marks["to"] = cpu_seconds(plant_ids)
+
+    with LocalFederation(settings, echo=watch) as fed:
         time.sleep(5)  # the plants settle: started, registered, nothing to do
         rest = plant_pss_mib(fed)
         result = fed.submit_run()
@@ -142,6 +194,8 @@ def measure(name: str, workdir: Path, plants: int, rounds: int, warm: bool, poll
         "peak_rss_sum_mib": sampler.peak_rss / 2**20,
         "peak_pss_sum_mib": sampler.peak_pss / 2**20,
         "total_s": total_s, "per_round": per_round, "mlflow_run_id": result.mlflow_run_id,
+        # where a round's work goes (rounds 2..N: from round 1's train line to the run's last evaluation line)
+        "cpu_s_per_round_by_process": cpu_per_round(marks["from"], marks["to"], rounds - 1) if len(marks) == 2 and rounds > 1 else None,
     }
 
 
@@ -155,6 +209,7 @@ def main() -> None:
     parser.add_argument("--commit", default="", help="the commit a copy of the tree (no .git) was made from")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark stops its federation too (LocalFederation.__exit__)
     setups = {  # Flower's defaults: a ClientApp process per message, 3 s polls, an evaluation exchange after every training one
         "defaults": ("flower defaults", False, 3.0, False),
         "warm": ("maxfl default", True, 0.1, True),
@@ -173,6 +228,11 @@ def main() -> None:
               f" {r['overhead_per_round_s_max']:>5.1f} s"
               f" {r['train_phase_overhead_s_median']:>8.2f} s {r['eval_phase_overhead_s_median'] or 0.0:>7.2f} s"
               f" {r['wall_per_round_s_median']:>9.1f} s {rest:>11.0f} MiB {ratio:>11.3f}x {r['peak_pss_sum_mib']:>6.0f} MiB")
+    for r in rows:
+        if r["cpu_s_per_round_by_process"]:
+            cpu = r["cpu_s_per_round_by_process"]
+            print(f"{r['setup']}: CPU s per round (rounds 2-{r['rounds']}), {sum(cpu.values()):.2f} in all: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in list(cpu.items())[:8]))
     print("median (and mean) over rounds; overhead = round wall time - slowest plant's local training time; eval ph.: the rounds "
           "with an evaluation exchange of their own; plant PSS: the largest plant's")
     if len(rows) == 2:

@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,6 +43,7 @@ from provenance import provenance
 from launcher.federation import FederationSettings, LocalFederation, find_app_dir
 from launcher.processes import descendants, free_port
 from maxfl.atomic import atomic_write_text
+from maxfl.errors import UserError
 
 RESULTS = Path(__file__).parent / "results" / "scale-curve.json"
 PLOT = RESULTS.with_suffix(".png")
@@ -169,7 +172,8 @@ def measure(mode: str, plants: int, rounds: int, workdir: Path) -> dict[str, Any
     settings = FederationSettings(
         app_dir=find_app_dir(), workdir=workdir, mode=mode, plants=plants, examples_per_plant=EXAMPLES_PER_PLANT,  # type: ignore[arg-type]
         superlink_port=superlink_port, proxy_port=proxy_port if mode == "deployment" else None,
-        run_overrides={**RUN_CONFIG, "num-server-rounds": rounds, "min-plants": min(plants, 2)},
+        # a reply lost under load ends the round after 5 minutes, not Flower's 15
+        run_overrides={**RUN_CONFIG, "num-server-rounds": rounds, "min-plants": min(plants, 2), "round-timeout-s": 300.0},
     )
     federation = LocalFederation(settings, echo=lambda line: print(f"  {line}"[:160], flush=True))
     sampler = Sampler(federation)
@@ -268,8 +272,8 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def report(rows: list[dict[str, Any]], prov: dict[str, Any], measured_at: str) -> None:
-    """Print the table and the notes; write the JSON and the plot."""
+def report(rows: list[dict[str, Any]], prov: dict[str, Any], measured_at: str, failed: list[dict[str, Any]]) -> None:
+    """Print the table, the points that failed and the notes; write the JSON and the plot."""
     header = (f"{'mode':<11} {'plants':>6} {'rounds':>6} {'round s':>8} {'overhead s':>10} {'anchor MiB':>10} {'per plant MiB':>13}"
               f" {'KiB/plant/round derived':>23} {'measured':>9} {'total s':>8}")
     print(header)
@@ -279,11 +283,14 @@ def report(rows: list[dict[str, Any]], prov: dict[str, Any], measured_at: str) -
         print(f"{r['mode']:<11} {r['plants']:>6} {r['rounds']:>6} {r['round_wall_s_median']:>8.1f} {r['round_overhead_s_median']:>10.2f}"
               f" {r['anchor_pss_mib']:>10.0f}"
               f" {r['plant_pss_mib']:>13.0f} {derived:>23.1f} {measured:>9} {r['total_s']:>8.0f}")
-    found = notes(rows)
+    for f in failed:
+        print(f"{f['mode']:<11} {f['plants']:>6} {f['rounds']:>6} FAILED: {f['failed']}")
+    found = notes(rows) + [f"{f['mode']} at {f['plants']} plants did not finish on this machine: {f['failed']}" for f in failed]
     for note in found:
         print(f"- {note}")
     atomic_write_text(RESULTS, json.dumps({"measured_at": measured_at, "provenance": prov, "cpus": os.cpu_count(), "run_config": RUN_CONFIG,
-                                           "examples_per_plant": EXAMPLES_PER_PLANT, "rows": rows, "notes": found}, indent=2))
+                                           "examples_per_plant": EXAMPLES_PER_PLANT, "rows": rows, "failed": failed,
+                                           "notes": found}, indent=2))
     print(f"results: {RESULTS}")
     _plot(rows)
 
@@ -329,18 +336,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         saved = json.loads(RESULTS.read_text())
-        report(saved["rows"], saved["provenance"], saved["measured_at"])
+        report(saved["rows"], saved["provenance"], saved["measured_at"], saved.get("failed", []))
         return
     wanted = {tuple(p.split(":")) for p in args.only.split(",") if p}
     points = [(m, n, r) for m, n, r in CURVE if not wanted or (m[:3], str(n)) in wanted]
-    rows = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark stops its federation too (LocalFederation.__exit__)
+    rows, failed = [], []
     for mode, plants, rounds in points:
         print(f"{mode}, {plants} plants, {rounds} rounds", flush=True)
-        rows.append(measure(mode, plants, rounds, args.workdir / f"{mode[:3]}-{plants}"))
+        try:
+            rows.append(measure(mode, plants, rounds, args.workdir / f"{mode[:3]}-{plants}"))
+        except UserError as exc:  # a point this machine cannot run is a result too: what stopped it
+            print(f"  FAILED: {exc}", flush=True)
+            failed.append({"mode": mode, "plants": plants, "rounds": rounds, "failed": str(exc)})
     prov = provenance()
     if args.commit:
         prov["commit"] = args.commit
-    report(rows, prov, time.strftime("%Y-%m-%dT%H:%M:%S"))
+    report(rows, prov, time.strftime("%Y-%m-%dT%H:%M:%S"), failed)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def run_task(task: str, workdir: Path, plants: int, rounds: int, seeds: list[int
     from mlflow import MlflowClient
 
     settings = FederationSettings(app_dir=find_app_dir(), workdir=workdir / task, plants=plants, max_epsilon=float("inf"),
-                                  run_overrides={"task": task, "privacy": "none", "release": False, "num-server-rounds": rounds})
+                                  run_overrides={"task": task, "privacy": "none", "release": False, "num-server-rounds": rounds,
+                                                 "contribution": "off"})
     rows = []
     with LocalFederation(settings, echo=lambda _line: None) as fed:
         client = MlflowClient(fed.tracking_uri)

@@ -23,14 +23,18 @@ installed code, bound before the app packages are dropped, so a FAB cannot repla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import select
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger("maxfl.warm_exec")
 
@@ -232,13 +236,39 @@ def _reap(children: dict[int, float]) -> None:
             log.info("task process %d ended with code %d after %.2fs", pid, os.waitstatus_to_exitcode(status), time.monotonic() - started)
 
 
+def _alive(pid: int) -> bool:
+    """`pid` runs: a zombie (a SuperNode that died and was not reaped yet) does not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _exit_with_parent(parent_pid: int, residents: Residents, children: dict[int, float], period_s: float = 0.5) -> None:
+    """Ends this executor, and the task processes it forked, once its SuperNode is gone, however the SuperNode ended.
+
+    Flower's parent monitor interrupts the main thread, which a task poll retrying against the vanished SuperNode's
+    Runtime API does not notice; and it counts a zombie as alive. Here: a zombie is dead, and the exit does not wait
+    for the main thread.
+    """
+    def watch() -> None:
+        while _alive(parent_pid):
+            time.sleep(period_s)
+        log.warning("the SuperNode (pid %d) is gone: stopping this executor and its task processes", parent_pid)
+        for pid in [r.pid for r in list(residents.procs)] + list(children) + list(_reap_later):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def serve(address: str, insecure: bool, root_certificates: str | None, parent_pid: int | None, poll_s: float,
           resident_idle_s: float = 300.0, resident_runs: int = 2) -> None:
     for module in PRELOAD:
         importlib.import_module(module)
     torch_threads = _warm_torch()
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
-    from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
@@ -250,8 +280,6 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
 
     # A task is handed out before the SuperNode has stored all of its objects; forked tasks retry quickly.
     tune_object_pulls(initial_backoff_s=0.02, backoff_cap_s=0.1)
-    if parent_pid is not None:
-        start_parent_process_monitor(parent_pid)
     certificates = validate_and_resolve_root_certificates(root_certificates, insecure)
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=certificates,
@@ -261,6 +289,8 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
     log.info("warm executor ready for %s", address)
     children: dict[int, float] = {}
     residents = Residents(resident_runs, resident_idle_s)
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid, residents, children)
     try:
         while True:
             _reap(children)

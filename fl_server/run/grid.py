@@ -2,7 +2,8 @@
 
 Flower 1.41's `send_and_receive` sleeps 3 s between pulls, so every phase of every round waits up to
 3 s after the last plant has answered. This wrapper re-implements only `send_and_receive` on top of
-the public `push_messages`/`pull_messages` API and delegates everything else.
+the public `push_messages`/`pull_messages` API and delegates everything else; it also notes where each message went,
+so a notice the SuperLink itself writes for a message (the node went offline, the message expired) is that plant's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fl_server.run.identity import note_sent
 
 
 class PollingGrid(Grid):
@@ -36,13 +39,19 @@ class PollingGrid(Grid):
         return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
+        """Flower's push; each message's id is noted with the node it went to (fl_server.run.identity.note_sent)."""
+        messages = list(messages)
+        ids = list(self.inner.push_messages(messages))
+        for message_id, message in zip(ids, messages, strict=False):
+            if message_id:
+                note_sent(message_id, message.metadata.dst_node_id)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
+        pending = {m for m in self.push_messages(messages) if m}  # Flower gives None for a message it could not push
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flwr.common.constant import SUPERLINK_NODE_ID
+
 from maxfl.errors import ConfigError
 from maxfl.messages import PLANT
 
@@ -79,6 +81,7 @@ class PlantIdentities:
         self._loaded_mtime: float | None = None
         self._pinned: dict[int, str] = {}  # node id -> plant (no plants file: the first id the node claimed)
         self._spoofs_seen: set[tuple[int, str]] = set()  # (node id, replied-to message id): one report per reply
+        self._sent: dict[str, int] = {}  # message id -> the node it was sent to (fl_server.run.grid)
         if plants_file is not None:
             self._load()
 
@@ -105,8 +108,15 @@ class PlantIdentities:
         self._registered = {r.node_id: (r.plant_id, r.status) for r in book.plants.values()}
         self._loaded_mtime = mtime
 
+    def note_sent(self, message_id: str, node: int) -> None:
+        """A message went to `node`: the SuperLink's own notice that it found no answer there is that node's reply."""
+        self._sent[message_id] = node
+
     def identify(self, msg: Message) -> Identity:
         node = int(msg.metadata.src_node_id)
+        if node == SUPERLINK_NODE_ID and msg.has_error():
+            # Flower writes these itself (the node went offline, the message expired): they speak for the node asked
+            node = self._sent.get(str(msg.metadata.reply_to_message_id), node)
         claim = claimed_plant(msg)
         if self.plants_file is not None:
             identity = self._from_plants_file(node)
@@ -161,6 +171,10 @@ def use_identities(identities: PlantIdentities) -> PlantIdentities:
 
 def identify(msg: Message) -> Identity:
     return _current.identify(msg)
+
+
+def note_sent(message_id: str, node: int) -> None:
+    _current.note_sent(message_id, node)
 
 
 def refusal(msg: Message) -> str | None:

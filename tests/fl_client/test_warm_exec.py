@@ -105,3 +105,29 @@ def test_flower_exit_in_a_resident_runs_its_handlers_and_arms_no_timer() -> None
     with pytest.raises(SystemExit) as exc:
         module.flwr_exit(200, "boom")
     assert exc.value.code == 1
+
+
+def test_the_executor_ends_when_its_supernode_dies_even_unreaped_and_while_its_task_poll_retries(tmp_path: Path):
+    """A SuperNode killed outright (the plant's machine, an OOM kill) must not leave its executor polling a Runtime API
+    that is gone: the executor, whose task poll is retrying against nothing, still ends."""
+    import signal
+    import subprocess
+    import sys
+
+    from launcher.processes import free_port
+
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands in for the SuperNode
+    executor = subprocess.Popen([str(Path(sys.executable).parent / "maxfl-warm-exec"), "--runtime-api-address",
+                                 f"127.0.0.1:{free_port()}", "--insecure", "--parent-pid", str(supernode.pid)],
+                                stdout=subprocess.DEVNULL, stderr=(tmp_path / "exec.log").open("wb"))
+    try:
+        time.sleep(1)  # a moment of polling nothing; not a speed the test asks for
+        assert executor.poll() is None, (tmp_path / "exec.log").read_text()
+        supernode.send_signal(signal.SIGKILL)  # and left unreaped: a zombie is a dead SuperNode too
+        assert executor.wait(timeout=300) == 0
+        assert "the SuperNode" in (tmp_path / "exec.log").read_text() and "is gone" in (tmp_path / "exec.log").read_text()
+    finally:
+        for proc in (executor, supernode):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

@@ -169,3 +169,21 @@ def test_the_serverapp_audits_a_spoofed_reply_in_the_runs_audit_log(tmp_path, re
     use_identities(plant_identities(RunConfig(federation_dir=str(tmp_path)), tracker))
     assert plant_of(reply(12, "plant-1", 1.0, 10, 0.5)) == "plant-2"
     assert tracker.events == [("reply.spoofed", {"node_id": 12, "claimed": "plant-1", "plant": "plant-2", "message_type": "train"})]
+
+
+def test_the_superlinks_own_notice_that_a_node_did_not_answer_is_that_plants(federation):
+    """Flower writes an error reply itself (from node 1, the SuperLink) when a node went offline or a message expired;
+    it speaks for the node the message went to, never for an unknown 'node-1'."""
+    from flwr.app import Message, MessageType, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_ins_message
+
+    from fl_server.run.identity import note_sent, refusal
+
+    sent = Message(content=RecordDict({}), dst_node_id=12, message_type=MessageType.TRAIN)
+    sent.metadata.__dict__["_message_id"] = sent.object_id
+    note_sent(sent.metadata.message_id, 12)  # fl_server.run.grid.PollingGrid notes every message it pushes
+    notice = create_message_error_unavailable_ins_message(sent.metadata.message_id, run_id=1)  # as the SuperLink makes it
+    assert notice.metadata.src_node_id == SUPERLINK_NODE_ID
+    assert refusal(notice) is None and plant_of(notice) == "plant-2"
+    assert failure_reason(notice).startswith("plant-2: ") and "node" not in failure_reason(notice).split(":")[0]
