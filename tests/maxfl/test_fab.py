@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,38 +11,23 @@ from flwr.cli.build import build_fab_from_disk
 
 from maxfl.errors import ConfigError
 from maxfl.fab import build_fab, collect_app_files, fab_hash, stage_app
+from tests.fl_client.test_app_policy import make_app
 
 
 def _app(root: Path, include: str | None, gitignore: str = "") -> Path:
-    app = root / "app"
-    (app / "pkg" / "sub").mkdir(parents=True)
-    fab_include = f"fab-include = {include}\n" if include else ""
-    (app / "pyproject.toml").write_text(textwrap.dedent("""\
-        [build-system]
-        requires = ["hatchling"]
-        build-backend = "hatchling.build"
-
-        [project]
-        name = "tinyapp"
-        version = "0.1.0"
-        dependencies = []
-
-        [tool.flwr.app]
-        publisher = "acme"
-        """) + fab_include + textwrap.dedent("""\
-
-        [tool.flwr.app.components]
-        serverapp = "pkg.server:app"
-        clientapp = "pkg.client:app"
-        """))
-    for rel in ("pkg/__init__.py", "pkg/server.py", "pkg/client.py", "pkg/sub/util.py", "pkg/sub/schema.json", "README.md",
-                "tests/test_pkg.py", "docs/guide.md", "data/plant-1/manifest.toml", "data/plant-1/ledger.json",
-                ".venv/lib/python3.11/site-packages/torch/__init__.py", ".venv/pyvenv.toml", "pkg/__pycache__/server.cpython-311.pyc",
-                "build/lib/pkg/server.py", "notes/keep.md"):
+    """A Flower app (tests/fl_client/test_app_policy.make_app) in a folder with what a repository also holds: a .venv,
+    caches, tests, docs, git-ignored data, a symlink."""
+    app = make_app(root, "pkg")
+    if include:
+        pyproject = app / "pyproject.toml"
+        pyproject.write_text(pyproject.read_text().replace('publisher = "acme"\n', f'publisher = "acme"\nfab-include = {include}\n'))
+    for rel in ("pkg/sub/util.py", "pkg/sub/schema.json", "README.md", "tests/test_pkg.py", "docs/guide.md", "data/plant-1/manifest.toml",
+                "data/plant-1/ledger.json", ".venv/lib/python3.11/site-packages/torch/__init__.py", ".venv/pyvenv.toml",
+                "pkg/__pycache__/server.cpython-311.pyc", "build/lib/pkg/server.py", "notes/keep.md"):
         (app / rel).parent.mkdir(parents=True, exist_ok=True)
         (app / rel).write_text(f"# {rel}\n")
     (app / ".gitignore").write_text(gitignore)
-    os.symlink(app / "pkg" / "server.py", app / "pkg" / "linked.py")  # Flower skips symlinks; so do we
+    os.symlink(app / "pkg" / "server_app.py", app / "pkg" / "linked.py")  # Flower skips symlinks; so do we
     return app
 
 
@@ -72,10 +56,9 @@ def test_anchored_includes_keep_the_walk_to_their_folders(tmp_path):
 def test_staging_replaces_what_an_earlier_run_staged(tmp_path):
     app = _app(tmp_path, '["pkg/**/*.py", "/README.md"]', "")
     dest = stage_app(app, tmp_path / "work" / "app")
-    (app / "pkg" / "client.py").unlink()
-    (app / "pyproject.toml").write_text((app / "pyproject.toml").read_text().replace("pkg.client:app", "pkg.server:app"))
+    (app / "pkg" / "sub" / "util.py").unlink()
     stage_app(app, dest)
-    assert not (dest / "pkg" / "client.py").exists() and build_fab_from_disk(dest) == build_fab_from_disk(app)
+    assert not (dest / "pkg" / "sub" / "util.py").exists() and build_fab_from_disk(dest) == build_fab_from_disk(app)
 
 
 def test_a_folder_that_is_no_app_is_one_line(tmp_path):
