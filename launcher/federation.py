@@ -372,12 +372,12 @@ class LocalFederation:
     def start_superlink(self, port: int, proxy_port: int | None = None) -> str:
         home = self.work / "superlink"
         home.mkdir(parents=True, exist_ok=True)
-        # Fresh state each launch: nodes of an earlier launch would otherwise be sampled and time out.
-        for stale in home.glob("state.db*"):
-            stale.unlink()
+        # The SuperLink keeps its state in memory (Flower's default, no --database): each launch starts fresh, so nodes
+        # of an earlier launch are never sampled, and no SQLite file serialises the plants' requests (on a file, SQLite
+        # was half the SuperLink's CPU per round, and with 20 plants its lock timed out: 500s, lost replies).
         fed = self.provision(port, proxy_port or self.reserve_port()) if self.secure else None
         secret = fed.superexec_secret if fed is not None else None  # secure: ServerApps only via maxfl-superexec
-        argv = superlink_argv(fed, self.bin, "127.0.0.1", port, home / "state.db", simulation=self.s.mode == "simulation",
+        argv = superlink_argv(fed, self.bin, "127.0.0.1", port, None, simulation=self.s.mode == "simulation",
                               superexec_secret=secret)
         env = {**self.env, "FLWR_HOME": str(home / "flwr-home")}
         if self.s.ray_address:  # Flower's Ray backend calls ray.init() without an address: Ray then takes RAY_ADDRESS
