@@ -264,7 +264,7 @@ def _exit_with_parent(parent_pid: int, residents: Residents, children: dict[int,
 
 
 def serve(address: str, insecure: bool, root_certificates: str | None, parent_pid: int | None, poll_s: float,
-          resident_idle_s: float = 300.0, resident_runs: int = 2) -> None:
+          resident_idle_s: float = 300.0, resident_runs: int = 2, idle_poll_s: float = 1.0) -> None:
     for module in PRELOAD:
         importlib.import_module(module)
     torch_threads = _warm_torch()
@@ -276,7 +276,7 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
     import fl_client.app_policy  # noqa: F401 - paid once here; every task process checks its app with it
-    from maxfl.flower_tuning import tune_object_pulls
+    from maxfl.flower_tuning import QuietBackoff, tune_object_pulls
 
     # A task is handed out before the SuperNode has stored all of its objects; forked tasks retry quickly.
     tune_object_pulls(initial_backoff_s=0.02, backoff_cap_s=0.1)
@@ -289,6 +289,9 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
     log.info("warm executor ready for %s", address)
     children: dict[int, float] = {}
     residents = Residents(resident_runs, resident_idle_s)
+    # Every poll is a request its SuperNode answers: at a fixed 50 ms, twenty plants' polls kept the 2-core box's SuperNodes
+    # busy and a 20-plant round took 99 s (23 s backing off; experiments/scale_curve.py).
+    backoff = QuietBackoff(poll_s, idle_poll_s)
     if parent_pid is not None:
         _exit_with_parent(parent_pid, residents, children)
     try:
@@ -297,6 +300,7 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
             residents.poll()
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if res.HasField("task") and res.token:
+                backoff.worked()
                 run, token = (res.task.run_id, res.task.fab_hash), res.token
                 if (resident := residents.idle_for(run)) is not None:
                     try:
@@ -317,7 +321,7 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
                         os._exit(code)
                 children[pid] = time.monotonic()
                 continue
-            time.sleep(poll_s)
+            time.sleep(backoff.interval())
     finally:
         residents.stop()
         client.close()
@@ -329,7 +333,9 @@ def main() -> None:
     parser.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperNode (loopback only)")
     parser.add_argument("--root-certificates", default=None, help="CA bundle for the SuperNode's Runtime API")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
-    parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds between task polls")
+    parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds between task polls right after a task")
+    parser.add_argument("--idle-poll-interval", type=float, default=1.0,
+                        help="seconds between task polls at most, once quiet (a twentieth of the quiet time until then)")
     parser.add_argument("--resident-idle-s", type=float, default=300.0,
                         help="a run's resident task process exits after this many seconds without a task")
     parser.add_argument("--resident-runs", type=int, default=2, help="resident task processes at most (0: a fork per task)")
@@ -338,7 +344,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         serve(args.runtime_api_address, args.insecure, args.root_certificates, args.parent_pid, args.poll_interval,
-              args.resident_idle_s, args.resident_runs)
+              args.resident_idle_s, args.resident_runs, args.idle_poll_interval)
     except KeyboardInterrupt:
         pass
 

@@ -28,28 +28,45 @@ def _checked_version() -> bool:
 
 
 FLOWER_IDLE_POLL_S = 3.0  # Flower 1.41's SuperNode: the sleep after a poll of the SuperLink that found no message
+QUIET_FRACTION = 20  # a quiet poller waits this fraction of the time it has been quiet
+
+
+class QuietBackoff:
+    """The wait before asking again: `floor_s` right after some work, then a twentieth of the time since, up to `cap_s`.
+
+    A poller that has just had work asks quickly (the next message of a round comes within seconds of the last one);
+    one left quiet asks less and less often, so that a federation's idle plants do not keep its processes busy
+    answering them."""
+
+    def __init__(self, floor_s: float, cap_s: float, clock: ModuleType = _time) -> None:
+        self.floor_s, self.cap_s, self.clock = floor_s, max(floor_s, cap_s), clock
+        self.busy_at = clock.monotonic()
+
+    def worked(self) -> None:
+        self.busy_at = self.clock.monotonic()
+
+    def interval(self) -> float:
+        return min(self.cap_s, max(self.floor_s, (self.clock.monotonic() - self.busy_at) / QUIET_FRACTION))
 
 
 class _PacedSleep:
     """Stands in for the `time` module inside Flower's SuperNode loop, whose only sleeps are the idle poll (3 s) and the
     waits for its ClientApp's reply and objects (0.5 s steps).
 
-    A wait for the plant's own reply (local, cheap) takes `reply_s`. An idle poll takes `poll_s` while the plant is in a
-    run, and longer the longer it has been quiet (a twentieth of the quiet time), up to `idle_s` (Flower's 3 s): a plant waiting
-    seconds for the others notices its next message within a small fraction of that wait, and the plants of an idle
-    federation stop asking the SuperLink five times a second each.
+    A wait for the plant's own reply (local, cheap) takes `reply_s`; it means a run is going on. An idle poll waits as
+    `QuietBackoff(poll_s, idle_s)` says, counting from that wait: a plant waiting seconds for the others notices its next
+    message within a small fraction of that wait, and the plants of an idle federation back off to Flower's 3 s.
     """
 
     def __init__(self, poll_s: float, reply_s: float, idle_s: float = FLOWER_IDLE_POLL_S, clock: ModuleType = _time) -> None:
-        self.poll_s, self.reply_s, self.idle_s, self.clock = poll_s, reply_s, idle_s, clock
-        self.busy_at = clock.monotonic()
+        self.reply_s, self.clock = reply_s, clock
+        self.backoff = QuietBackoff(poll_s, idle_s, clock)
 
     def interval(self, seconds: float) -> float:
-        now = self.clock.monotonic()
         if seconds < FLOWER_IDLE_POLL_S:  # waiting on its own ClientApp: a run is going on
-            self.busy_at = now
+            self.backoff.worked()
             return min(seconds, self.reply_s)
-        return min(self.idle_s, max(self.poll_s, (now - self.busy_at) / 20))
+        return self.backoff.interval()
 
     def sleep(self, seconds: float) -> None:
         self.clock.sleep(self.interval(seconds))
@@ -62,7 +79,7 @@ def pace_supernode_sleeps(module: ModuleType, poll_s: float, reply_s: float, idl
     """Pace the sleeps of Flower's SuperNode loop (`flwr.supernode.start_client_internal`) as `_PacedSleep` says."""
     if not _checked_version() or getattr(module, "time", None) is not _time:
         return False
-    module.time = _PacedSleep(poll_s, reply_s, max(poll_s, idle_s))  # type: ignore[attr-defined]
+    module.time = _PacedSleep(poll_s, reply_s, idle_s)  # type: ignore[attr-defined]
     return True
 
 

@@ -40,6 +40,18 @@ def test_a_plant_in_a_run_polls_at_the_lan_pace_and_backs_off_to_flowers_once_qu
     assert clock.slept[-2:] == [0.05, 0.2]
 
 
+def test_a_poller_asks_quickly_after_work_and_less_often_the_longer_it_is_quiet_up_to_its_cap():
+    clock = _Clock()
+    backoff = flower_tuning.QuietBackoff(floor_s=0.05, cap_s=1.0, clock=clock)
+    assert backoff.interval() == 0.05
+    clock.now += 4  # four quiet seconds: a twentieth of them
+    assert backoff.interval() == pytest.approx(0.2)
+    clock.now += 600
+    assert backoff.interval() == 1.0
+    backoff.worked()
+    assert backoff.interval() == 0.05
+
+
 def test_pacing_replaces_time_in_the_patched_module_only():
     module = types.ModuleType("poller")
     module.time = time
