@@ -2,7 +2,8 @@
 
 Same flags as `flower-supernode`. `MAXFL_SUPERNODE_POLL_S` (default 0.2) is the SuperNode's poll of the SuperLink
 while its plant is in a run (Flower 1.41: 3 s); a plant that has been quiet polls less often (a twentieth of the quiet
-time), up to `MAXFL_SUPERNODE_IDLE_POLL_S` (default Flower's 3 s) after a minute. `MAXFL_SUPERNODE_REPLY_S` (default 0.05) is how often it looks for its ClientApp's reply (Flower: 0.5 s).
+time), up to `MAXFL_SUPERNODE_IDLE_POLL_S` (default Flower's 3 s) after a minute. `MAXFL_SUPERNODE_REPLY_S` (default
+0.05) is how often it looks for its ClientApp's reply (Flower: 0.5 s).
 `MAXFL_SUPERNODE_HEARTBEAT_S` (default 10, Flower's minimum) is the heartbeat it announces: the SuperLink notices a
 dead plant after two missed beats.
 """

@@ -34,7 +34,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 log = logging.getLogger("maxfl.warm_exec")
 
@@ -236,14 +235,6 @@ def _reap(children: dict[int, float]) -> None:
             log.info("task process %d ended with code %d after %.2fs", pid, os.waitstatus_to_exitcode(status), time.monotonic() - started)
 
 
-def _alive(pid: int) -> bool:
-    """`pid` runs: a zombie (a SuperNode that died and was not reaped yet) does not."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _exit_with_parent(parent_pid: int, residents: Residents, children: dict[int, float], period_s: float = 0.5) -> None:
     """Ends this executor, and the task processes it forked, once its SuperNode is gone, however the SuperNode ended.
 
@@ -251,8 +242,10 @@ def _exit_with_parent(parent_pid: int, residents: Residents, children: dict[int,
     Runtime API does not notice; and it counts a zombie as alive. Here: a zombie is dead, and the exit does not wait
     for the main thread.
     """
+    from launcher.processes import pid_alive  # a zombie (a SuperNode that died, not reaped yet) is not alive
+
     def watch() -> None:
-        while _alive(parent_pid):
+        while pid_alive(parent_pid):
             time.sleep(period_s)
         log.warning("the SuperNode (pid %d) is gone: stopping this executor and its task processes", parent_pid)
         for pid in [r.pid for r in list(residents.procs)] + list(children) + list(_reap_later):
