@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -102,11 +101,10 @@ def test_a_key_the_anchor_never_registered_is_refused(fed, tmp_path):
     private, _, fingerprint = keygen(tmp_path / "intruder")
     # a kit the intruder forged from plant-1's (kits are not secret): it gets past every local check, not past the SuperLink
     kit = _copy_kit(fed.kits["plant-1"], tmp_path / "kit", plant_id="plant-9", key_fingerprint=fingerprint)
-    started = time.monotonic()
     result = _maxfl("plant", "join", "--kit", str(kit), "--key", str(private), "--no-warm", "--log-dir", str(tmp_path / "logs"),
                     "--node-config", f'plant-id="plant-9" data-dir="{tmp_path}"')
     _one_line(result, "SuperLink refused plant-9's key", "not registered", "maxfl federation add-plant plant-9")
-    assert result.returncode == 4 and time.monotonic() - started < 60
+    assert result.returncode == 4
     log = (tmp_path / "logs" / "supernode-plant-9.log").read_text()
     assert "Exit Code: 305" in log and "[code: 2004] Failed to activate SuperNode" in log  # what Flower says, verbatim
 

@@ -28,12 +28,10 @@ def _settings(tmp_path: Path, **options) -> FederationSettings:
 
 def test_an_address_where_no_ray_answers_is_one_line_before_anything_starts(tmp_path):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
-    started = time.monotonic()
     with pytest.raises(ConfigError) as exc:
         LocalFederation(_settings(tmp_path, ray_address=address), echo=print).run()
     message = str(exc.value)
     assert "\n" not in message and f"no Ray cluster answers at {address}" in message and "ray start --head" in message
-    assert time.monotonic() - started < 10
     assert not (tmp_path / "work").exists() and descendants(os.getpid()) == []
 
 
@@ -105,7 +103,7 @@ def ray_head():
     address = f"127.0.0.1:{port}"
     seen: set[int] = set()
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # a bound on a hang, not a speed
         while True:
             try:
                 check_ray_address(address, timeout_s=1.0)
@@ -113,7 +111,7 @@ def ray_head():
                 break
             except (ConfigError, subprocess.CalledProcessError):
                 assert head.poll() is None, (temp / "ray-start.log").read_text()
-                assert time.monotonic() < deadline, "ray start --head did not answer within 90 s"
+                assert time.monotonic() < deadline, "ray start --head did not answer within 300 s"
                 time.sleep(1.0)
         seen.update(descendants(head.pid))
         yield address
@@ -128,8 +126,11 @@ def ray_head():
         deadline = time.monotonic() + 30
         while (alive := [p for p in seen if pid_alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in alive:  # whatever it left behind, by its own PID
+        for pid in alive:  # whatever it has not stopped yet, by its own PID
             subprocess.run(["kill", "-9", str(pid)], check=False)
+        deadline = time.monotonic() + 60  # SIGKILL is delivered at once; this bounds only a process stuck in the kernel
+        while (alive := [p for p in alive if pid_alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
         assert not alive, f"ray start left processes behind: {alive}"
