@@ -51,14 +51,21 @@ class PollingGrid(Grid):
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Flower's contract (replies until all came or `timeout`), pulling every `poll_interval_s`.
+
+        A pull that starts after the deadline is the last one, so a reply that arrived in time is never dropped
+        because an earlier pull outlasted the deadline: Flower retries the objects of a reply whose sender died
+        mid-upload until the SuperLink gives up on them, and that one pull can take minutes.
+        """
         pending = {m for m in self.push_messages(messages) if m}  # Flower gives None for a message it could not push
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
+            last = deadline is not None and time.monotonic() >= deadline
             got = list(self.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            if not pending or last:
                 break
-            time.sleep(self.poll_interval_s)
+            time.sleep(self.poll_interval_s if deadline is None else min(self.poll_interval_s, max(0.0, deadline - time.monotonic())))
         return replies
