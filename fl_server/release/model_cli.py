@@ -117,6 +117,7 @@ def push(
 ) -> None:
     """Push a version to the plants' edge stores through the federation (a Flower run of the maxfl app)."""
     from launcher.federation import find_app_dir
+    from maxfl.fab import stage_app
 
     registry = _registry(tracking_uri, model)
     champion = registry.champion()
@@ -124,14 +125,14 @@ def push(
         raise RegistryError(f"'{model}' has no champion to push; name one with --version")
     registry.load_release(version or champion.version)  # type: ignore[union-attr]  # fails here, not in the ServerApp
     overrides = push_overrides(version, plant, wait, registry.tracking_uri, model)
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
-        fh.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in overrides.items()))
-    argv = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir or find_app_dir()), *([federation] if federation else []),
-            "--stream", "--run-config", fh.name]
-    try:
+    with tempfile.TemporaryDirectory(prefix="maxfl-push-") as tmp:
+        # The FAB's files only: Flower's build walks every file it is given (a checkout's .venv: ~9 s a push).
+        staged = stage_app(app_dir or find_app_dir(), Path(tmp) / "app")
+        run_config = Path(tmp) / "run-config.toml"
+        run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in overrides.items()))
+        argv = [str(Path(sys.executable).parent / "flwr"), "run", str(staged), *([federation] if federation else []),
+                "--stream", "--run-config", str(run_config)]
         code = subprocess.run(argv, env=os.environ.copy(), check=False).returncode
-    finally:
-        os.unlink(fh.name)
     if code != 0:
         raise ProcessError(f"`flwr run` exited with code {code}; is the SuperLink in '{federation or 'the default connection'}' up?")
     _print_records(list(registry.edge().values()))

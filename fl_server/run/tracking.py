@@ -31,6 +31,7 @@ log = logging.getLogger("maxfl")
 
 # pt2 (torch.export) needs no maxfl code to load the model back; pinned so MLflow does not write `torch==x+cpu`.
 MODEL_PIP_REQUIREMENTS = ["torch>=2.13,<2.14", "numpy>=2.0"]
+LOGGED_MODEL_TAG = "maxfl.model.input"  # what the logged model takes: the edge's input, or (a head only) features
 FLWR_RUN_ID_TAG = "flwr.run_id"  # the latest Flower run of this MLflow run
 FLWR_RUN_IDS_TAG = "flwr.run_ids"  # every Flower run it had: more than one after a resume
 # Keys that may change when a run is resumed (where things are, how long to wait); the rest of the run config
@@ -151,10 +152,12 @@ class RunTracker:
         self.schema = schema_fingerprint(profiles)  # type: ignore[arg-type]
         self._mlflow.set_tags({**{f"maxfl.data.{p}": fp[:16] for p, fp in self.fingerprints.items()}, SCHEMA_TAG: self.schema[:16]})
 
-    def log_model(self, model: nn.Module, input_example: np.ndarray) -> str:
-        """Log the torch model (pt2); returns its `models:/` URI for the registry."""
+    def log_model(self, model: nn.Module, input_example: np.ndarray, takes: str = "the task's input, as the edge serves it") -> str:
+        """Log the torch model (pt2); returns its `models:/` URI for the registry. `takes` (tag LOGGED_MODEL_TAG)
+        says what it takes as input."""
         import mlflow.pytorch
 
+        self._mlflow.set_tag(LOGGED_MODEL_TAG, takes)
         model.eval()
         info = mlflow.pytorch.log_model(
             model,
