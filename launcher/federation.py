@@ -628,7 +628,9 @@ class LocalFederation:
         return self.page_url
 
     def start_edge_servers(self, plants: list[PlantConfig], model_name: str) -> None:
-        """Each plant's edge model server, serving whatever its edge store holds (nothing yet on a first run)."""
+        """Each plant's edge model server, serving whatever its edge store holds (nothing yet on a first run); all
+        start before any is waited for, so their start-ups overlap."""
+        started = []
         for plant in plants:
             port = self.reserve_port()
             url = f"http://127.0.0.1:{port}"
@@ -638,8 +640,10 @@ class LocalFederation:
                  "--host", "127.0.0.1", "--port", str(port)],
                 {**self.env, "OMP_NUM_THREADS": "1"},
             )
-            self.procs.wait_until(f"{plant.plant_id}'s edge server", lambda u=url: _http_answers(f"{u}/health"), STARTUP_TIMEOUT_S, proc)
-            self.edge_urls[plant.plant_id] = url
+            started.append((plant.plant_id, url, proc))
+        for plant_id, url, proc in started:
+            self.procs.wait_until(f"{plant_id}'s edge server", lambda u=url: _http_answers(f"{u}/health"), STARTUP_TIMEOUT_S, proc)
+            self.edge_urls[plant_id] = url
 
     # ---------------------------------------------------------------- all together
     def __enter__(self) -> LocalFederation:
