@@ -1,6 +1,6 @@
 """`maxfl-supernode`: Flower's `flower-supernode` with LAN-sized waits (see maxfl.flower_tuning).
 
-Same flags as `flower-supernode`. `MAXFL_SUPERNODE_POLL_S` (default 0.2) is the SuperNode's poll of the SuperLink
+Same flags as `flower-supernode`. `MAXFL_SUPERNODE_POLL_S` (default 0.4) is the SuperNode's poll of the SuperLink
 while its plant is in a run (Flower 1.41: 3 s); a plant that has been quiet polls less often (a twentieth of the quiet
 time), up to `MAXFL_SUPERNODE_IDLE_POLL_S` (default Flower's 3 s) after a minute. `MAXFL_SUPERNODE_REPLY_S` (default
 0.05) is how often it looks for its ClientApp's reply (Flower: 0.5 s).
@@ -19,7 +19,7 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    poll_s = float(os.environ.get("MAXFL_SUPERNODE_POLL_S", "0.2"))
+    poll_s = float(os.environ.get("MAXFL_SUPERNODE_POLL_S", "0.4"))
     pace_supernode_sleeps(start_client_internal, poll_s, float(os.environ.get("MAXFL_SUPERNODE_REPLY_S", "0.05")),
                           float(os.environ.get("MAXFL_SUPERNODE_IDLE_POLL_S", "3")))
     tune_object_pulls(initial_backoff_s=poll_s / 4, backoff_cap_s=poll_s / 2)
