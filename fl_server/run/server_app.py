@@ -131,7 +131,8 @@ def train(grid: Grid, cfg: RunConfig, tracker: RunTracker) -> None:
     log.info("MLflow run %s: %d rounds of %s on task %s%s", tracker.run_id, cfg.num_server_rounds, cfg.strategy, cfg.task,
              f" (resumed after round {done})" if cfg.resume else "")
     spec, profiles = agree_on_data(grid, cfg, task)
-    if cfg.release and (backbone := get_backbone(spec.model)) is not None and not backbone.exportable:
+    backbone = get_backbone(spec.model)  # None: an end-to-end model
+    if cfg.release and backbone is not None and not backbone.exportable:
         raise RunAborted(f"model {spec.model} cannot be exported to ONNX for the edge, so it cannot be released: "
                          "set run config release=false (an experiment arm) or choose model effnet-lite0")
     if cfg.resume:
@@ -173,7 +174,6 @@ def train(grid: Grid, cfg: RunConfig, tracker: RunTracker) -> None:
         )
         arrays = result.arrays if len(result.arrays) else arrays
     unpack_into(model, arrays)
-    backbone = get_backbone(spec.model)
     if backbone is not None and not backbone.exportable:
         # Never released (checked above), and torch.export of its backbone's graph costs the anchor a minute of CPU
         # per run (scatnet: 73 s): the trained head is logged, on the backbone's features (tag maxfl.model.input).
