@@ -136,6 +136,7 @@ class Residents:
     def __init__(self, max_runs: int, idle_s: float) -> None:
         self.max_runs, self.idle_s = max_runs, idle_s
         self.procs: list[Resident] = []
+        self.parent_only: list[int] = []  # the executor's own descriptors, closed in every task process it forks
 
     def idle_for(self, run: tuple[int, str]) -> Resident | None:
         return next((r for r in self.procs if r.run == run and not r.busy), None)
@@ -194,12 +195,11 @@ class Residents:
                 self._retire(r)
 
     def close_inherited(self) -> None:
-        for r in self.procs:
-            for fd in (r.tokens, r.done):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        for fd in [fd for r in self.procs for fd in (r.tokens, r.done)] + self.parent_only:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def stop(self) -> None:
         for r in list(self.procs):
@@ -269,6 +269,7 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
     import fl_client.app_policy  # noqa: F401 - paid once here; every task process checks its app with it
+    from fl_client.task_wake import WakeListener
     from maxfl.flower_tuning import QuietBackoff, tune_object_pulls
 
     # A task is handed out before the SuperNode has stored all of its objects; forked tasks retry quickly.
@@ -285,6 +286,10 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
     # Every poll is a request its SuperNode answers: at a fixed 50 ms, twenty plants' polls kept the 2-core box's SuperNodes
     # busy and a 20-plant round took 99 s (23 s backing off; experiments/scale_curve.py).
     backoff = QuietBackoff(poll_s, idle_poll_s)
+    # Once its SuperNode has woken it, a poll is only the fallback for a lost wake (fl_client.task_wake).
+    wake = WakeListener.open(int(address.rsplit(":", 1)[1]))
+    if wake is not None:  # a task process that outlives the executor must not keep the channel from its successor
+        residents.parent_only.append(wake.sock.fileno())
     if parent_pid is not None:
         _exit_with_parent(parent_pid, residents, children)
     try:
@@ -314,8 +319,13 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
                         os._exit(code)
                 children[pid] = time.monotonic()
                 continue
-            time.sleep(backoff.interval())
+            if wake is None:
+                time.sleep(backoff.interval())
+            else:
+                wake.wait(idle_poll_s if wake.heard else backoff.interval())
     finally:
+        if wake is not None:
+            wake.close()
         residents.stop()
         client.close()
 

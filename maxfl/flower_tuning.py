@@ -9,8 +9,10 @@ nothing and returns False, so an upgrade can never silently run with a wrong pat
 
 from __future__ import annotations
 
+import functools
 import logging
 import time as _time
+from collections.abc import Callable
 from types import ModuleType
 
 log = logging.getLogger("maxfl")
@@ -80,6 +82,24 @@ def pace_supernode_sleeps(module: ModuleType, poll_s: float, reply_s: float, idl
     if not _checked_version() or getattr(module, "time", None) is not _time:
         return False
     module.time = _PacedSleep(poll_s, reply_s, idle_s)  # type: ignore[attr-defined]
+    return True
+
+
+def notify_after_each_message(module: ModuleType, notify: Callable[[], None]) -> bool:
+    """Call `notify()` each time Flower's SuperNode loop (`module`: `flwr.supernode.start_client_internal`) has pulled a
+    message from the SuperLink and stored all of its objects: a task for its ClientApp is waiting (fl_client.task_wake)."""
+    pull = getattr(module, "_pull_and_store_message", None)
+    if not _checked_version() or not callable(pull):
+        return False
+
+    @functools.wraps(pull)
+    def pull_and_store_message(*args: object, **kwargs: object) -> int | None:
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            notify()
+        return run_id
+
+    module._pull_and_store_message = pull_and_store_message  # type: ignore[attr-defined]
     return True
 
 

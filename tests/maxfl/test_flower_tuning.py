@@ -96,3 +96,24 @@ def test_node_heartbeat_is_announced_and_sent_at_the_tuned_interval_never_below_
     assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 12
     assert flower_tuning.tune_node_heartbeat(1)  # the SuperLink rejects intervals under its minimum (10 s)
     assert fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10
+
+
+def test_the_supernode_notifies_after_each_message_it_stored_and_not_after_an_empty_poll(monkeypatch):
+    module = types.ModuleType("start_client_internal")
+    pulls = iter([None, 7, None])
+    module._pull_and_store_message = lambda **kwargs: next(pulls)
+    notified = []
+    assert flower_tuning.notify_after_each_message(module, lambda: notified.append(1))
+    assert [module._pull_and_store_message(state=None) for _ in range(3)] == [None, 7, None]
+    assert notified == [1]
+    monkeypatch.setattr(flwr, "__version__", "9.0.0")
+    other = types.ModuleType("start_client_internal")
+    other._pull_and_store_message = print
+    assert not flower_tuning.notify_after_each_message(other, lambda: None)
+    assert other._pull_and_store_message is print
+
+
+def test_flowers_supernode_loop_still_has_the_function_that_is_wrapped():
+    from flwr.supernode import start_client_internal
+
+    assert callable(start_client_internal._pull_and_store_message)
