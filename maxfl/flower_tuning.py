@@ -9,10 +9,11 @@ nothing and returns False, so an upgrade can never silently run with a wrong pat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time as _time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 log = logging.getLogger("maxfl")
@@ -122,6 +123,31 @@ def tune_object_pulls(initial_backoff_s: float, backoff_cap_s: float) -> bool:
         defaults.update(initial_backoff=initial_backoff_s, backoff_cap=backoff_cap_s, max_tries_per_object=tries)
         fn.__kwdefaults__ = defaults
     return True
+
+
+@contextlib.contextmanager
+def object_pulls_within(max_time_s: float | None) -> Iterator[None]:
+    """Flower's object pulls started in this block give up after `max_time_s` (None: Flower's own bound).
+
+    A reply whose sender died after pushing the message but before its objects is retried until the SuperLink drops
+    the upload (its 180 s push session), however short the round's timeout; bounded here, that reply becomes Flower's
+    "objects unavailable" error reply when the round's time is up, and the others' replies are not held behind it.
+    Not thread-safe: for a process whose pulls are made by one thread (the ServerApp's grid).
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    fns = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    if max_time_s is None or not _checked_version() or not all("max_time" in (fn.__kwdefaults__ or {}) for fn in fns):
+        yield
+        return
+    saved = [dict(fn.__kwdefaults__ or {}) for fn in fns]
+    for fn, defaults in zip(fns, saved, strict=True):
+        fn.__kwdefaults__ = {**defaults, "max_time": max_time_s}
+    try:
+        yield
+    finally:
+        for fn, defaults in zip(fns, saved, strict=True):
+            fn.__kwdefaults__ = defaults
 
 
 def tune_node_heartbeat(interval_s: float) -> bool:

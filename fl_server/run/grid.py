@@ -15,6 +15,9 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fl_server.run.identity import note_sent
+from maxfl.flower_tuning import object_pulls_within
+
+LAST_PULL_GRACE_S = 10.0  # a pull that starts at the deadline still waits this long for objects already on their way
 
 
 class PollingGrid(Grid):
@@ -54,15 +57,19 @@ class PollingGrid(Grid):
         """Flower's contract (replies until all came or `timeout`), pulling every `poll_interval_s`.
 
         A pull that starts after the deadline is the last one, so a reply that arrived in time is never dropped
-        because an earlier pull outlasted the deadline: Flower retries the objects of a reply whose sender died
-        mid-upload until the SuperLink gives up on them, and that one pull can take minutes.
+        because an earlier pull outlasted the deadline. Flower retries the objects of a reply whose sender died
+        mid-upload until the SuperLink gives up on them (minutes); here they are waited for until the deadline, then
+        that reply is Flower's error reply ("objects unavailable") and the round goes on with the others.
         """
         pending = {m for m in self.push_messages(messages) if m}  # Flower gives None for a message it could not push
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
             last = deadline is not None and time.monotonic() >= deadline
-            got = list(self.pull_messages(pending))
+            # a reply's objects are waited for until the round's time is up (and a grace for one already arriving)
+            bound = None if deadline is None else max(deadline - time.monotonic(), LAST_PULL_GRACE_S)
+            with object_pulls_within(bound):
+                got = list(self.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or last:

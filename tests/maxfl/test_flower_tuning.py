@@ -117,3 +117,16 @@ def test_flowers_supernode_loop_still_has_the_function_that_is_wrapped():
     from flwr.supernode import start_client_internal
 
     assert callable(start_client_internal._pull_and_store_message)
+
+
+def test_object_pulls_are_bounded_inside_the_block_only_even_when_it_raises():
+    from flwr.supercore.inflatable import inflatable_utils
+
+    before = [dict(fn.__kwdefaults__) for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)]
+    with pytest.raises(RuntimeError), flower_tuning.object_pulls_within(7.5):
+        assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == 7.5
+        assert inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__["max_time"] == 7.5
+        raise RuntimeError
+    with flower_tuning.object_pulls_within(None):
+        pass
+    assert [inflatable_utils.pull_objects.__kwdefaults__, inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__] == before

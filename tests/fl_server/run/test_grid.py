@@ -68,3 +68,23 @@ def test_without_a_timeout_it_waits_for_every_reply(clock):
     inner = ScriptedGrid(clock, [(0.0, [])] * 50 + [(0.0, ["m0"])])
     replies = PollingGrid(inner, poll_interval_s=1.0).send_and_receive([_message(11)], timeout=None)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"] and inner.pulled == 51
+
+
+def test_each_pull_waits_for_reply_objects_only_until_the_deadline_and_flowers_bound_is_restored(clock):
+    # Without a bound, one dead plant's half-uploaded reply holds every pull for the SuperLink's 180 s push session.
+    from flwr.supercore.inflatable import inflatable_utils
+
+    flowers = inflatable_utils.pull_objects.__kwdefaults__["max_time"]
+    bounds = []
+
+    class Observed(ScriptedGrid):
+        def pull_messages(self, message_ids):
+            bounds.append(inflatable_utils.pull_objects.__kwdefaults__["max_time"])
+            return super().pull_messages(message_ids)
+
+    inner = Observed(clock, [(30.0, []), (95.0, []), (0.0, ["m0"])])
+    PollingGrid(inner, poll_interval_s=1.0).send_and_receive([_message(11)], timeout=120.0)
+    assert bounds == [120.0, 89.0, grid_module.LAST_PULL_GRACE_S]  # pulls at 0 s, 31 s, then past the deadline (126 s)
+    assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == flowers
+    PollingGrid(Observed(clock, [(0.0, ["m0"])]), poll_interval_s=1.0).send_and_receive([_message(11)], timeout=None)
+    assert bounds[-1] == flowers  # no timeout: Flower's own bound
