@@ -58,6 +58,9 @@ class WakeListener:
         self.heard = True
         return True
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
     def close(self) -> None:
         self.sock.close()
 

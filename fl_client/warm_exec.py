@@ -289,7 +289,7 @@ def serve(address: str, insecure: bool, root_certificates: str | None, parent_pi
     # Once its SuperNode has woken it, a poll is only the fallback for a lost wake (fl_client.task_wake).
     wake = WakeListener.open(int(address.rsplit(":", 1)[1]))
     if wake is not None:  # a task process that outlives the executor must not keep the channel from its successor
-        residents.parent_only.append(wake.sock.fileno())
+        residents.parent_only.append(wake.fileno())
     if parent_pid is not None:
         _exit_with_parent(parent_pid, residents, children)
     try:

@@ -21,13 +21,25 @@ log = logging.getLogger("maxfl")
 CHECKED_FLWR = "1.41."
 
 
+_warned: set[str] = set()  # Flower versions already named in the log (object_pulls_within runs at every poll)
+
+
 def _checked_version() -> bool:
     import flwr
 
     if flwr.__version__.startswith(CHECKED_FLWR):
         return True
-    log.warning("Flower %s is not %sx: keeping Flower's own poll intervals", flwr.__version__, CHECKED_FLWR)
+    if flwr.__version__ not in _warned:
+        _warned.add(flwr.__version__)
+        log.warning("Flower %s is not %sx: keeping Flower's own poll intervals", flwr.__version__, CHECKED_FLWR)
     return False
+
+
+def _object_pullers() -> tuple[Callable[..., object], ...]:
+    """Flower's functions that pull a message's objects, retrying those not stored yet."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    return inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree
 
 
 FLOWER_IDLE_POLL_S = 3.0  # Flower 1.41's SuperNode: the sleep after a poll of the SuperLink that found no message
@@ -113,9 +125,7 @@ def tune_object_pulls(initial_backoff_s: float, backoff_cap_s: float) -> bool:
     """
     if not _checked_version():
         return False
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+    for fn in _object_pullers():
         defaults = dict(fn.__kwdefaults__ or {})
         if not {"initial_backoff", "backoff_cap", "max_time", "max_tries_per_object"} <= set(defaults):
             return False
@@ -134,9 +144,7 @@ def object_pulls_within(max_time_s: float | None) -> Iterator[None]:
     "objects unavailable" error reply when the round's time is up, and the others' replies are not held behind it.
     Not thread-safe: for a process whose pulls are made by one thread (the ServerApp's grid).
     """
-    from flwr.supercore.inflatable import inflatable_utils
-
-    fns = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    fns = _object_pullers()
     if max_time_s is None or not _checked_version() or not all("max_time" in (fn.__kwdefaults__ or {}) for fn in fns):
         yield
         return
