@@ -130,3 +130,14 @@ def test_object_pulls_are_bounded_inside_the_block_only_even_when_it_raises():
     with flower_tuning.object_pulls_within(None):
         pass
     assert [inflatable_utils.pull_objects.__kwdefaults__, inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__] == before
+
+
+def test_an_unchecked_flower_version_is_named_once_not_at_every_poll(monkeypatch):
+    monkeypatch.setattr(flwr, "__version__", "9.1.0")
+    monkeypatch.setattr(flower_tuning, "_warned", set())
+    warnings = []
+    monkeypatch.setattr(flower_tuning.log, "warning", lambda *args: warnings.append(args))
+    for _ in range(3):
+        with flower_tuning.object_pulls_within(5.0):
+            pass
+    assert len(warnings) == 1 and "9.1.0" in warnings[0]
